@@ -1,0 +1,99 @@
+"""Backend choice: each backend has a predicate that returns why it refuses (or None)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from ..plan import BlockPlan
+
+logger = logging.getLogger("sparseattn")
+
+BACKENDS = ("reference", "triton")
+TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_import_error() -> Optional[str]:
+    """Why Triton cannot be imported, or None when it can."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"triton is not importable ({type(exc).__name__}: {exc}); install it with pip install triton"
+    return None
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def triton_environment_reason(device: torch.device) -> Optional[str]:
+    """Why the Triton kernel cannot run on this machine / device at all, or None."""
+    reason = triton_import_error()
+    if reason:
+        return reason
+    if device.type != "cuda" and not triton_interpreting():
+        return (f"tensors are on {device}; the Triton kernel needs CUDA tensors "
+                "(or TRITON_INTERPRET=1 to run it in the interpreter on the CPU)")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return f"the Triton kernel needs compute capability >= 8.0, got {torch.cuda.get_device_capability(device)}"
+    return None
+
+
+def triton_input_reason(q: torch.Tensor, plan: Optional[BlockPlan]) -> Optional[str]:
+    """Why these (valid) inputs are not supported by the Triton kernel, or None."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernel supports float16, bfloat16 and float32, got {q.dtype}"
+    D = q.shape[-1]
+    if D not in TRITON_HEAD_DIMS:
+        return f"the Triton kernel supports head_dim in {TRITON_HEAD_DIMS}, got {D}"
+    if plan is not None:
+        for name in ("block_q", "block_k"):
+            size = getattr(plan, name)
+            if not (_pow2(size) and size >= 16):
+                return f"the Triton kernel needs the plan's {name} to be a power of two >= 16, got {size}"
+    return None
+
+
+def can_run_triton(q: torch.Tensor, plan: Optional[BlockPlan]) -> Optional[str]:
+    """None when the Triton prefill kernel can run these inputs, else the reason it cannot."""
+    return triton_environment_reason(q.device) or triton_input_reason(q, plan)
+
+
+def choose_backend(requested: str, q: torch.Tensor, plan: Optional[BlockPlan]) -> str:
+    """Resolve ``backend=`` ('auto', 'reference' or 'triton') to a backend that can run."""
+    if requested not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
+    if requested == "reference":
+        return "reference"
+    env_reason = triton_environment_reason(q.device)
+    input_reason = None if env_reason else triton_input_reason(q, plan)
+    if requested == "triton":
+        if env_reason:
+            raise RuntimeError(f"backend='triton' cannot run here: {env_reason}")
+        if input_reason:
+            raise NotImplementedError(f"backend='triton' does not support these inputs: {input_reason}; "
+                                      "backend='reference' does")
+        return "triton"
+    # auto: Triton on CUDA tensors when it can run; the reference everywhere else.
+    if q.device.type == "cuda":
+        if env_reason is None and input_reason is None:
+            return "triton"
+        _log_fallback(env_reason or input_reason)
+    return "reference"
+
+
+_logged = set()
+
+
+def _log_fallback(reason: str) -> None:
+    if reason not in _logged:  # once per distinct reason, not once per layer and step
+        _logged.add(reason)
+        logger.warning("sparseattn: using the reference backend on CUDA: %s", reason)

@@ -1,0 +1,313 @@
+"""Triton block-sparse flash-attention forward for prefill.
+
+Tiers: ``_block_sparse_fwd`` (the ``@triton.jit`` kernel) -> ``_launch`` (grid, strides, config)
+-> ``attention_triton`` (called by ``sparseattn.block_sparse_attention`` after validation).
+
+One program computes ``BLOCK_M`` query rows of one (batch, query head). It walks only the key
+blocks the plan lists for that query block, in two phases: blocks that every row of the tile sees
+completely (no masking at all) and then the few blocks that need an element mask (causal
+diagonal, key tail, band edges), followed by the plan's extra key columns. Softmax runs online in
+base 2 with fp32 accumulators. Every offset that scales with sequence length is 64-bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..plan import BlockPlan
+from .dispatch import triton_interpreting
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _attend_tile(acc, l_i, m_i, poison, q, k_ptrs, v_ptrs, offs_n, pos_m, k_len, qk_scale,
+                 sink, window,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BAND: tl.constexpr,
+                 GATHERED: tl.constexpr, col_ok, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One online-softmax step over a tile of keys ``offs_n`` (absolute key indices)."""
+    if MASKED:
+        key_ok = offs_n < k_len
+        if GATHERED:
+            key_ok = key_ok & col_ok
+        k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    if UPCAST_DOT:
+        qk = tl.dot(q.to(tl.float32), tl.trans(k).to(tl.float32), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASKED:
+        keep = key_ok[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= pos_m[:, None])
+        if HAS_BAND:
+            keep = keep & ((offs_n[None, :] < sink) | ((pos_m[:, None] - offs_n[None, :]) < window))
+        qk = tl.where(keep, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        # Keys whose value row is not finite: rows that attend them become NaN at the end, while
+        # rows that mask them must not see 0 * NaN.
+        v_ok = (v == v) & (tl.abs(v) < float("inf"))
+        v_bad = tl.max(tl.where(v_ok, 0.0, 1.0), 1)
+        v = tl.where(v_ok, v, tl.zeros_like(v))
+        poison = tl.maximum(poison, tl.max(p * v_bad[None, :], 1))
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        m_safe = m_new
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if UPCAST_DOT:  # same rounding of p as the GPU path, then an exact fp32 product
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new, poison
+
+
+@triton.jit
+def _block_sparse_fwd(
+    Q, K, V, Out, Lse,
+    Counts, Indices, BandSink, BandWindow, ExtraCounts, ExtraIndices,
+    qk_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im, stride_ik,
+    stride_eb, stride_eh, stride_em, stride_ek,
+    num_q_heads, q_len, k_len, num_q_tiles, group, plan_head_div,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PLAN_BLOCK_Q: tl.constexpr, PLAN_BLOCK_K: tl.constexpr,
+    IS_DENSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BAND: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    COUNT_CHUNK: tl.constexpr,
+):
+    # Heaviest tiles (last rows under causal) first, so the tail of the grid is short work.
+    tile = num_q_tiles - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    hk = h // group
+    b64 = b.to(tl.int64)
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_tile_n = tl.arange(0, BLOCK_N)
+    q_offset = k_len - q_len  # bottom-right causal alignment
+    pos_m = q_offset + offs_m  # absolute positions of the tile's queries
+    row_ok = offs_m < q_len
+
+    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    q_ptrs = q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    poison = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Keys every row of this tile sees: all of them without causal, else up to the first row.
+    first_pos = q_offset + tile * BLOCK_M
+    last_pos = tl.minimum(q_offset + tile * BLOCK_M + BLOCK_M, q_offset + q_len) - 1
+    if CAUSAL:
+        full_keys = tl.minimum(tl.maximum(first_pos + 1, 0), k_len)
+        vis_keys = tl.minimum(tl.maximum(last_pos + 1, 0), k_len)
+    else:
+        full_keys = k_len
+        vis_keys = k_len
+    full_blocks = full_keys // PLAN_BLOCK_K  # blocks entirely inside [0, full_keys)
+    vis_blocks = (vis_keys + PLAN_BLOCK_K - 1) // PLAN_BLOCK_K  # blocks with any visible key
+
+    sink = 0
+    window = 0
+    SUB: tl.constexpr = PLAN_BLOCK_K // BLOCK_N
+    if IS_DENSE:
+        n_full = full_blocks
+        n_vis = vis_blocks
+    else:
+        m_plan = (tile * BLOCK_M) // PLAN_BLOCK_Q
+        ph = (h // plan_head_div).to(tl.int64)
+        count = tl.load(Counts + b64 * stride_cb + ph * stride_ch + m_plan * stride_cm)
+        idx_row = Indices + b64 * stride_ib + ph * stride_ih + m_plan.to(tl.int64) * stride_im
+        if HAS_BAND:
+            sink = tl.load(BandSink + b64 * stride_cb + ph * stride_ch + m_plan * stride_cm)
+            window = tl.load(BandWindow + b64 * stride_cb + ph * stride_ch + m_plan * stride_cm)
+        # The row is sorted, so the fully visible blocks form a prefix and the visible ones a
+        # longer prefix; count both (a few vector loads) instead of branching per block.
+        n_full = count * 0
+        n_vis = count * 0
+        for c in range(0, count, COUNT_CHUNK):
+            offs_c = c + tl.arange(0, COUNT_CHUNK)
+            blk = tl.load(idx_row + offs_c * stride_ik, mask=offs_c < count, other=2147483647)
+            n_full += tl.sum((blk < full_blocks).to(tl.int32))
+            n_vis += tl.sum((blk < vis_blocks).to(tl.int32))
+        if HAS_BAND:
+            n_full = 0
+
+    # Phase 1: blocks needing no mask at all.
+    for t in range(0, n_full * SUB):
+        if IS_DENSE:
+            start_n = t * BLOCK_N
+        else:
+            blk = tl.load(idx_row + (t // SUB) * stride_ik)
+            start_n = blk * PLAN_BLOCK_K + (t % SUB) * BLOCK_N
+        offs_n = start_n + offs_tile_n
+        k_ptrs = k_base + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        acc, l_i, m_i, poison = _attend_tile(
+            acc, l_i, m_i, poison, q, k_ptrs, v_ptrs, offs_n, pos_m, k_len, qk_scale, sink, window,
+            False, CAUSAL, HAS_BAND, False, offs_n, DOT_PRECISION, UPCAST_DOT)
+
+    # Phase 2: blocks cut by the causal diagonal, the key tail or the band.
+    for t in range(n_full * SUB, n_vis * SUB):
+        if IS_DENSE:
+            start_n = t * BLOCK_N
+        else:
+            blk = tl.load(idx_row + (t // SUB) * stride_ik)
+            start_n = blk * PLAN_BLOCK_K + (t % SUB) * BLOCK_N
+        offs_n = start_n + offs_tile_n
+        k_ptrs = k_base + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        acc, l_i, m_i, poison = _attend_tile(
+            acc, l_i, m_i, poison, q, k_ptrs, v_ptrs, offs_n, pos_m, k_len, qk_scale, sink, window,
+            True, CAUSAL, HAS_BAND, False, offs_n, DOT_PRECISION, UPCAST_DOT)
+
+    # Phase 3: token-level extra key columns (vertical lines), gathered BLOCK_N at a time.
+    if HAS_EXTRA:
+        e_count = tl.load(ExtraCounts + b64 * stride_cb + ph * stride_ch + m_plan * stride_cm)
+        e_row = ExtraIndices + b64 * stride_eb + ph * stride_eh + m_plan.to(tl.int64) * stride_em
+        for t in range(0, e_count, BLOCK_N):
+            offs_e = t + offs_tile_n
+            e_ok = offs_e < e_count
+            cols = tl.load(e_row + offs_e * stride_ek, mask=e_ok, other=0)
+            k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
+            v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            acc, l_i, m_i, poison = _attend_tile(
+                acc, l_i, m_i, poison, q, k_ptrs, v_ptrs, cols, pos_m, k_len, qk_scale, 0, 0,
+                True, CAUSAL, False, True, e_ok, DOT_PRECISION, UPCAST_DOT)
+
+    has_mass = l_i > 0.0
+    out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
+    out = tl.where(poison[:, None] > 0.0, float("nan"), out)
+    o_ptrs = (Out + b64 * stride_ob + h.to(tl.int64) * stride_oh
+              + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    if RETURN_LSE:
+        lse = tl.where(has_mass, (m_i + tl.math.log2(tl.where(has_mass, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(Lse + b64 * stride_lb + h.to(tl.int64) * stride_lh + offs_m, lse, mask=row_ok)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head_dim for 16-bit inputs on Hopper; chosen by
+# the config sweep of `sparseattn bench kernel --sweep` (see BENCHMARKS.md).
+_CONFIGS_16BIT = {
+    16: (128, 64, 4, 3),
+    32: (128, 64, 4, 3),
+    64: (128, 64, 4, 3),
+    128: (128, 64, 8, 3),
+    256: (64, 32, 8, 2),
+}
+# float32 runs with exact (ieee) dot products: smaller tiles keep it in registers.
+_CONFIGS_FP32 = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2),
+                 256: (16, 16, 4, 1)}
+# The interpreter runs tiles as numpy arrays: small tiles exercise the sub-block paths.
+_CONFIG_INTERPRET = (32, 32, 4, 1)
+
+
+def default_config(head_dim: int, dtype: torch.dtype) -> tuple:
+    if triton_interpreting():
+        return _CONFIG_INTERPRET
+    if dtype == torch.float32:
+        return _CONFIGS_FP32[head_dim]
+    return _CONFIGS_16BIT[head_dim]
+
+
+def _small_meta(t: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
+    """[B, H, nQ] metadata made contiguous in one common shape so they share strides."""
+    if t is None:
+        return None
+    return t.expand(shape).contiguous()
+
+
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Optional[BlockPlan], *,
+                     causal: bool = True, scale: Optional[float] = None, return_lse: bool = False,
+                     config: Optional[tuple] = None, out: Optional[torch.Tensor] = None):
+    """Launch the kernel on validated inputs (see ``block_sparse_attention``).
+
+    ``config`` = ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` overrides the tuned default;
+    ``out`` lets tests hand in a poisoned output buffer.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if out is None:
+        out = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device) if return_lse else out
+    if B == 0 or Lq == 0:
+        return (out, lse) if return_lse else out
+
+    block_m, block_n, num_warps, num_stages = config or default_config(D, q.dtype)
+    if plan is None:
+        plan_block_q, plan_block_k = block_m, block_n
+        counts = indices = band_sink = band_window = extra_counts = extra_indices = out  # unused
+        plan_batch, plan_head_div = 1, 1
+        stride_c = (0, 0, 0)
+        stride_i = (0, 0, 0, 0)
+        stride_e = (0, 0, 0, 0)
+        has_band = has_extra = False
+    else:
+        plan_block_q, plan_block_k = plan.block_q, plan.block_k
+        block_m, block_n = min(block_m, plan_block_q), min(block_n, plan_block_k)
+        plan_batch, plan_head_div = plan.batch, plan.head_divisor(Hq)
+        shape = tuple(plan.kv_counts.shape)
+        counts = _small_meta(plan.kv_counts, shape)
+        indices = plan.kv_indices
+        has_band, has_extra = plan.has_band, plan.has_extra
+        band_sink = _small_meta(plan.band_sink, shape) if has_band else counts
+        band_window = _small_meta(plan.band_window, shape) if has_band else counts
+        extra_counts = _small_meta(plan.extra_counts, shape) if has_extra else counts
+        extra_indices = plan.extra_indices if has_extra else indices
+        stride_c = (counts.stride(0) if plan_batch > 1 else 0, counts.stride(1), counts.stride(2))
+        stride_i = (indices.stride(0) if plan_batch > 1 else 0, *indices.stride()[1:])
+        stride_e = ((extra_indices.stride(0) if plan_batch > 1 else 0, *extra_indices.stride()[1:])
+                    if has_extra else (0, 0, 0, 0))
+
+    num_q_tiles = triton.cdiv(Lq, block_m)
+    grid = (num_q_tiles, B * Hq)
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    # Triton's interpreter (3.9) computes bf16 dot products wrongly; there we upcast the operands,
+    # which gives the same math as a bf16 tensor-core product with fp32 accumulation.
+    upcast_dot = q.dtype == torch.bfloat16 and triton_interpreting()
+    _block_sparse_fwd[grid](
+        q, k, v, out, lse,
+        counts, indices, band_sink, band_window, extra_counts, extra_indices,
+        scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        lse.stride(0), lse.stride(1),
+        *stride_c, *stride_i, *stride_e,
+        Hq, Lq, Lk, num_q_tiles, Hq // Hkv, plan_head_div,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        PLAN_BLOCK_Q=plan_block_q, PLAN_BLOCK_K=plan_block_k,
+        IS_DENSE=plan is None, CAUSAL=causal, HAS_BAND=has_band, HAS_EXTRA=has_extra,
+        RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, COUNT_CHUNK=128,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return (out, lse) if return_lse else out
