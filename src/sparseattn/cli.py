@@ -24,17 +24,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        _add_command(sub, name, module, help_text)
     bench = sub.add_parser("bench", help="benchmarks (kernel, ...)", description="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
     bsub.required = True
     for name, (module, help_text) in BENCH_COMMANDS.items():
-        p = bsub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        _add_command(bsub, name, module, help_text)
     return parser
+
+
+def _add_command(sub, name, module, help_text):
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.set_defaults(_module=module)
+    importlib.import_module(module).add_arguments(p)
 
 
 def main(argv=None) -> int:

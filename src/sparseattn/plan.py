@@ -30,6 +30,7 @@ and, under ``causal=True``, sees keys ``j <= p``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -167,16 +168,11 @@ class BlockPlan:
     @staticmethod
     def causal_block_limits(*, block_q: int, block_k: int, q_len: int, k_len: int,
                             causal: bool = True, device=None) -> torch.Tensor:
-        """int32 ``[nQ]``: the number of key blocks each query block can see at all."""
-        nQ, nK = _cdiv(q_len, block_q), _cdiv(k_len, block_k)
-        if not causal:
-            return torch.full((nQ,), nK, dtype=torch.int32, device=device)
-        m = torch.arange(nQ, device=device, dtype=torch.int64)
-        last_row = torch.clamp((m + 1) * block_q, max=q_len) - 1
-        last_pos = k_len - q_len + last_row  # absolute position of the block's last query
-        # floor division on non-negative values only; negative positions see nothing.
-        vis = torch.where(last_pos >= 0, last_pos.clamp(min=0) // block_k + 1, torch.zeros_like(last_pos))
-        return vis.clamp(max=nK).to(torch.int32)
+        """int32 ``[nQ]``: the number of key blocks each query block can see at all.
+
+        Cached per shape and device (plans are rebuilt every layer and step); do not modify it.
+        """
+        return _causal_block_limits(block_q, block_k, q_len, k_len, causal, torch.device(device or "cpu"))
 
     @classmethod
     def dense(cls, batch: int = 1, heads: int = 1, *, block_q: int = 128, block_k: int = 128,
@@ -215,14 +211,20 @@ class BlockPlan:
                 f"block_mask must have (nQ, nK) = ({nQ}, {nK}) for q_len={q_len}, k_len={k_len}, "
                 f"block_q={block_q}, block_k={block_k}; got {tuple(block_mask.shape[2:])}")
         mask = block_mask.to(torch.bool)
+        width = nK if max_blocks is None else int(max_blocks)
+        limits = None
         if causal:
             limits = cls.causal_block_limits(block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len,
                                              device=mask.device)
-            visible = torch.arange(nK, device=mask.device).view(1, -1) < limits.view(-1, 1)
-            mask = mask & visible
+        if mask.is_cuda and _triton_compaction_available():
+            from .kernels.plan_triton import compact_block_mask
+
+            counts, indices = compact_block_mask(mask, limits, width)
+            return cls(counts, indices, block_q, block_k, q_len, k_len)
+        if limits is not None:
+            mask = mask & (torch.arange(nK, device=mask.device).view(1, -1) < limits.view(-1, 1))
         B, H = mask.shape[:2]
         counts = mask.sum(-1, dtype=torch.int32)
-        width = nK if max_blocks is None else int(max_blocks)
         # Scatter each selected block to its rank among the selected ones; unselected blocks go to
         # a trash column past the end that is cut off afterwards.
         rank = torch.cumsum(mask, -1, dtype=torch.int32) - 1
@@ -448,6 +450,26 @@ class BlockPlan:
         return replace(self, kv_counts=pick(self.kv_counts), kv_indices=pick(self.kv_indices),
                        band_sink=pick(self.band_sink), band_window=pick(self.band_window),
                        extra_counts=pick(self.extra_counts), extra_indices=pick(self.extra_indices))
+
+
+@functools.lru_cache(maxsize=256)
+def _causal_block_limits(block_q: int, block_k: int, q_len: int, k_len: int, causal: bool,
+                         device: torch.device) -> torch.Tensor:
+    nQ, nK = _cdiv(q_len, block_q), _cdiv(k_len, block_k)
+    if not causal:
+        return torch.full((nQ,), nK, dtype=torch.int32, device=device)
+    m = torch.arange(nQ, device=device, dtype=torch.int64)
+    last_row = torch.clamp((m + 1) * block_q, max=q_len) - 1
+    last_pos = k_len - q_len + last_row  # absolute position of the block's last query
+    # floor division on non-negative values only; negative positions see nothing.
+    vis = torch.where(last_pos >= 0, last_pos.clamp(min=0) // block_k + 1, torch.zeros_like(last_pos))
+    return vis.clamp(max=nK).to(torch.int32)
+
+
+def _triton_compaction_available() -> bool:
+    from .kernels.dispatch import triton_import_error
+
+    return triton_import_error() is None
 
 
 def block_count(length: int, block: int) -> int:

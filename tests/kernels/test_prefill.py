@@ -351,7 +351,7 @@ def test_gpu_long_sequences(L):
 @pytest.mark.gpu
 def test_gpu_offsets_beyond_int32():
     # q holds more than 2**31 elements, so a 32-bit element offset would wrap for the last heads.
-    B, Hq, Hkv, L, D = 2, 64, 8, 131072, 128
+    B, Hq, Hkv, L, D = 2, 64, 8, 131072 + 1000, 128
     assert B * Hq * L * D > 2**31
     q = torch.randn(B, Hq, L, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
