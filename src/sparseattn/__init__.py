@@ -2,11 +2,28 @@
 
 Canonical layout everywhere: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``, ``Hq % Hkv == 0``;
 causal alignment bottom-right (query ``i`` sees keys ``j <= Lk - Lq + i``).
+
+Layers: ``plan`` (BlockPlan, the contract) <- ``kernels`` (reference + Triton, executing plans)
+<- ``methods`` (estimators making plans) <- ``integrations`` / ``eval`` / ``bench`` / ``cli``.
 """
 
 from .api import block_sparse_attention
+from .methods import LayerMethods, get_method, list_methods, sparse_attention
 from .plan import BlockPlan
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockPlan", "block_sparse_attention", "__version__"]
+
+def load_model(name_or_path, *, device=None, dtype=None):
+    """Load a causal LM and its tokenizer (``"smollm2"``, a local HF folder or a GGUF file).
+
+    See :func:`sparseattn.models.load_model`; imported lazily so that ``import sparseattn``
+    needs neither transformers nor gguf.
+    """
+    from .models import load_model as _load
+
+    return _load(name_or_path, device=device, dtype=dtype)
+
+
+__all__ = ["BlockPlan", "LayerMethods", "block_sparse_attention", "get_method", "list_methods", "load_model",
+           "sparse_attention", "__version__"]
