@@ -1,0 +1,127 @@
+"""MInference vertical-slash: top key columns (token-level extras) plus top diagonals (blocks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+
+from ..plan import BlockPlan
+from .base import (PerHead, PrefillMethod, cdiv, check_choice, check_int, check_per_head, diagonal_sums, head_values,
+                   last_queries_attention, query_block_positions, rank_mask)
+from .base import compact_rows as _compact
+from .registry import register
+
+
+@register
+@dataclass(kw_only=True)
+class VerticalSlash(PrefillMethod):
+    """MInference's vertical-slash pattern (Jiang et al. 2024, arXiv 2407.02490), per head:
+
+    1. ``A = softmax(q_last k^T / sqrt(D))`` for the last ``last_q`` queries (causal, fp32).
+    2. Vertical score of key ``j``: ``sum_i A_ij``; the first ``sink_tokens`` keys are forced.
+       Slash score of diagonal distance ``o``: the sum of ``A`` along it; distances
+       ``0 .. local_diagonals - 1`` are forced. Keep the ``vertical_size`` best keys and the
+       ``slash_size`` best diagonals (both budgets count the forced entries, which are always kept).
+    3. Diagonals become key blocks: block ``(I, n)`` is kept when a kept diagonal passes through
+       it for some query of block ``I`` (MInference's index builder turns diagonals into 64-key
+       blocks the same way). Kept key columns become the plan's token-level **extra columns**:
+       per query block, the kept keys at or before its last position that do not fall inside one
+       of its kept blocks, strictly ascending.
+
+    ``vertical_size`` / ``slash_size`` may be per head or per-(layer, head) tables (MInference's
+    per-head JSON configs). GQA policy: ``"per_q_head"`` (MInference repeats K/V; plan
+    ``H = Hq``) or ``"group_union"`` (union of the group's columns and diagonals, ``H = Hkv``).
+    Differences from the official code: the official slash estimate drops the last ``last_q - 1``
+    partially covered diagonals; here every diagonal is scored and the local ones are forced.
+
+    Defaults (source: microsoft/MInference ``minference/modules/minference_forward.py``):
+    ``last_q=64``, ``sink_tokens=30`` (forced vertical), ``local_diagonals=100`` (forced slash,
+    kernel path), ``vertical_size=1000``, ``slash_size=6096`` (the default for a head missing from
+    the config), ``block_size=64``. Causal only.
+    """
+
+    name: ClassVar[str] = "vertical_slash"
+
+    block_size: int = 64
+    vertical_size: PerHead = 1000
+    slash_size: PerHead = 6096
+    last_q: int = 64
+    sink_tokens: int = 30
+    local_diagonals: int = 100
+    gqa_policy: str = "per_q_head"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.vertical_size = check_per_head("vertical_size", self.vertical_size,
+                                            lambda n, x: check_int(n, x, minimum=0))
+        self.slash_size = check_per_head("slash_size", self.slash_size, lambda n, x: check_int(n, x, minimum=0))
+        check_int("last_q", self.last_q, minimum=1)
+        check_int("sink_tokens", self.sink_tokens, minimum=0)
+        check_int("local_diagonals", self.local_diagonals, minimum=1)
+        check_choice("gqa_policy", self.gqa_policy, ("per_q_head", "group_union"))
+
+    @staticmethod
+    def _max_value(value) -> int:
+        if isinstance(value, tuple):
+            return max(max(row) if isinstance(row, tuple) else row for row in value)
+        return value
+
+    def _plan(self, q, k, v, *, causal, layer_idx):
+        self._require_causal(causal)
+        B, Hq, Lq, _ = q.shape
+        Hkv, Lk = k.shape[1], k.shape[2]
+        G, bs, dev = Hq // Hkv, self.block_size, q.device
+        geo = dict(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk)
+        nQ, nK = cdiv(Lq, bs), cdiv(Lk, bs)
+        common = dict(heads=Hq, q_heads=Hq, kv_heads=Hkv, layer_idx=layer_idx, device=dev, dtype=torch.int64)
+        n_v = head_values(self.vertical_size, name="vertical_size", **common)
+        n_s = head_values(self.slash_size, name="slash_size", **common)
+        n_v = n_v.clamp(min=min(self.sink_tokens, Lk)).view(1, Hq)
+        n_s = n_s.clamp(min=min(self.local_diagonals, Lk)).view(1, Hq)
+
+        a = last_queries_attention(q, k, self.last_q)  # [B, Hq, P, Lk]
+        inf = torch.full((), float("inf"), dtype=a.dtype, device=dev)
+        j = torch.arange(Lk, device=dev)
+        vertical = torch.where(j < self.sink_tokens, inf, a.sum(-2))  # [B, Hq, Lk]
+        slash = diagonal_sums(a)  # index t: diagonal at distance Lk - 1 - t
+        slash = torch.where(j >= Lk - self.local_diagonals, inf, slash)
+        keep_cols = rank_mask(vertical, n_v)  # [B, Hq, Lk]
+        keep_diag = rank_mask(slash, n_s)  # [B, Hq, Lk] over t
+        width = min(Lk, max(self._max_value(self.vertical_size), self.sink_tokens))
+        if self.gqa_policy == "group_union":
+            keep_cols = keep_cols.view(B, Hkv, G, Lk).any(2)
+            keep_diag = keep_diag.view(B, Hkv, G, Lk).any(2)
+            width = min(Lk, width * G)
+        H = keep_cols.shape[1]
+
+        # Diagonal distances o in [max(0, first(I) - end(n)), last(I) - start(n)] reach block n from
+        # query block I; count kept ones with a prefix sum over t = Lk - 1 - o.
+        first, last = query_block_positions(nQ, bs, Lq, Lk, dev)
+        n = torch.arange(nK, device=dev, dtype=torch.int64)
+        start, end = n * bs, torch.clamp((n + 1) * bs, max=Lk) - 1
+        o_lo = (first.view(-1, 1) - end.view(1, -1)).clamp(min=0)
+        o_hi = (last.view(-1, 1) - start.view(1, -1)).clamp(max=Lk - 1)
+        ok = o_lo <= o_hi
+        t_lo = (Lk - 1 - o_hi).clamp(0, Lk - 1)
+        t_hi = (Lk - 1 - o_lo).clamp(0, Lk - 1)
+        prefix = torch.nn.functional.pad(torch.cumsum(keep_diag, -1), (1, 0))  # [B, H, Lk + 1]
+
+        def at(idx):
+            return torch.gather(prefix, -1, idx.reshape(1, 1, -1).expand(B, H, -1)).view(B, H, nQ, nK)
+
+        blocks = ((at(t_hi + 1) - at(t_lo)) > 0) & ok  # [B, H, nQ, nK]
+        plan = BlockPlan.from_block_mask(blocks, **geo, causal=True)
+        if width == 0:
+            return plan
+
+        # Kept columns, ascending, then per query block those visible and outside its kept blocks.
+        _, cols = _compact(keep_cols, j.expand(B, H, Lk), width)  # [B, H, width]
+        n_cols = keep_cols.sum(-1, keepdim=True)
+        slot_ok = torch.arange(width, device=dev).view(1, 1, -1) < n_cols
+        cols = cols.long()
+        in_block = torch.gather(plan.block_mask(), -1, (cols // bs).unsqueeze(2).expand(B, H, nQ, width))
+        cand = slot_ok.unsqueeze(2) & (cols.unsqueeze(2) <= last.view(1, 1, -1, 1)) & ~in_block
+        counts, extra = _compact(cand, cols.unsqueeze(2).expand(B, H, nQ, width), width)
+        return replace(plan, extra_counts=counts, extra_indices=extra)
