@@ -142,15 +142,17 @@ def environment() -> dict:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, use_tma)
-SWEEP_CONFIGS = [
-    (128, 64, 4, 3, False), (128, 64, 8, 3, False), (128, 64, 8, 4, False), (128, 128, 8, 3, False),
-    (64, 64, 4, 3, False), (128, 128, 4, 3, False), (64, 128, 4, 3, False),
-    (128, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 128, 8, 3, True),
-    (128, 128, 8, 2, True), (64, 128, 4, 3, True), (128, 128, 4, 3, True),
-]
+SWEEP_CONFIGS = {
+    128: [(128, 128, 8, 3, True), (128, 128, 8, 2, True), (128, 64, 8, 3, True), (64, 128, 4, 3, True),
+          (64, 64, 4, 3, True), (128, 128, 8, 3, False), (64, 128, 4, 2, True)],
+    64: [(64, 128, 4, 3, True), (128, 64, 4, 3, True), (64, 64, 4, 3, True), (128, 128, 8, 3, True),
+         (64, 128, 4, 2, True), (128, 128, 4, 3, True), (64, 128, 4, 3, False)],
+}
+SWEEP_DENSITIES = (0.05, 0.1, 0.25)
 
 
 def run_sweep(args, bench) -> list:
+    """Time tile configs on dense and on sparse plans of a few densities at one length."""
     from ..kernels.prefill_triton import attention_triton
 
     rows = []
@@ -161,25 +163,25 @@ def run_sweep(args, bench) -> list:
         q = torch.randn(1, Hq, L, D, device="cuda", dtype=dtype)
         k = torch.randn(1, Hkv, L, D, device="cuda", dtype=dtype)
         v = torch.randn(1, Hkv, L, D, device="cuda", dtype=dtype)
-        plan = random_plan_at_density(1, Hq, L, args.block, 0.1, "cuda")
-        ref = attention_triton(q, k, v, None, config=(64, 64, 4, 2)).float()
-        for cfg in SWEEP_CONFIGS:
-            if D == 128 and cfg[0] * cfg[1] >= 128 * 128 and cfg[2] == 4:
-                continue  # too many registers per thread; spills
+        plans = {d: random_plan_at_density(1, Hq, L, args.block, d, "cuda") for d in SWEEP_DENSITIES}
+        ref = attention_triton(q, k, v, None, config=(64, 64, 4, 2, False)).float()
+        for cfg in SWEEP_CONFIGS[D]:
             try:
                 out = attention_triton(q, k, v, None, config=cfg).float()
                 err = ((out - ref).norm() / ref.norm()).item()
-                t_dense = bench(lambda: attention_triton(q, k, v, None, config=cfg))
-                t_sparse = bench(lambda: attention_triton(q, k, v, plan, config=cfg))
+                row = {"shape": shape_name, "L": L, "config": cfg, "rel_err_vs_small_tiles": err,
+                       "dense_ms": bench(lambda: attention_triton(q, k, v, None, config=cfg))}
+                for d, plan in plans.items():
+                    row[f"sparse{int(100 * d)}_ms"] = bench(lambda: attention_triton(q, k, v, plan, config=cfg))
             except Exception as exc:  # a config that does not compile (shared memory) is reported
                 rows.append({"shape": shape_name, "L": L, "config": cfg, "error": f"{type(exc).__name__}: {exc}"[:200]})
-                print(f"{shape_name:>9} {str(cfg):>18}  failed: {type(exc).__name__}")
+                print(f"{shape_name:>9} {str(cfg):>26}  failed: {type(exc).__name__}")
                 continue
-            tflops = _causal_flops(Hq, L, D) / t_dense / 1e9
-            rows.append({"shape": shape_name, "L": L, "config": cfg, "dense_ms": t_dense, "sparse10_ms": t_sparse,
-                         "dense_tflops": tflops, "rel_err_vs_small_tiles": err})
-            print(f"{shape_name:>9} {str(cfg):>26}  dense {t_dense:8.3f} ms ({tflops:5.0f} TFLOP/s)  "
-                  f"10% {t_sparse:7.3f} ms  err {err:.1e}")
+            row["dense_tflops"] = _causal_flops(Hq, L, D) / row["dense_ms"] / 1e9
+            rows.append(row)
+            sparse = "  ".join(f"{int(100 * d)}% {row[f'sparse{int(100 * d)}_ms']:7.3f}" for d in SWEEP_DENSITIES)
+            print(f"{shape_name:>9} {str(cfg):>26}  dense {row['dense_ms']:8.3f} ms ({row['dense_tflops']:4.0f} TF)  "
+                  f"{sparse}  err {err:.1e}", flush=True)
     return rows
 
 
