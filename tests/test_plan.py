@@ -8,8 +8,10 @@ import torch
 
 from sparseattn import BlockPlan
 
-from .conftest import triton_importable
+from .conftest import HAS_CUDA, triton_importable
 from .kernels.plans import random_plan, with_extra_columns
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 def naive_element_mask(plan, causal):
@@ -82,10 +84,10 @@ def test_triton_compaction_equals_torch_path(causal, nK, width):
     g = torch.Generator().manual_seed(nK)
     bm = torch.rand(2, 3, 6, nK, generator=g) < 0.4
     kw = dict(block_q=64, block_k=64, q_len=6 * 64 - 5, k_len=nK * 64 - 3)
-    limits = BlockPlan.causal_block_limits(**kw) if causal else None
-    counts, indices = compact_block_mask(bm, limits, width)
-    ref = BlockPlan.from_block_mask(bm, causal=causal, max_blocks=width, **kw)  # CPU: torch path
-    assert torch.equal(counts, ref.kv_counts) and torch.equal(indices, ref.kv_indices)
+    limits = BlockPlan.causal_block_limits(**kw, device=DEVICE) if causal else None
+    counts, indices = compact_block_mask(bm.to(DEVICE), limits, width)  # Triton (interpreter on CPU)
+    ref = BlockPlan.from_block_mask(bm, causal=causal, max_blocks=width, **kw)  # CPU: the torch path
+    assert torch.equal(counts.cpu(), ref.kv_counts) and torch.equal(indices.cpu(), ref.kv_indices)
 
 
 @pytest.mark.parametrize("Lq,Lk", [(100, 100), (64, 200), (200, 64), (1, 77)])
