@@ -290,3 +290,17 @@ def _write(path, payload):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=1))
     print(f"wrote {out}")
+
+
+def markdown_table(results: list) -> str:
+    """The results as a Markdown table (used for BENCHMARKS.md)."""
+    lines = ["| Hq/Hkv/D | L | density | ours ms | FlexAttention ms | ours vs Flex | cuDNN dense ms | FA2 dense ms "
+             "| ours vs cuDNN | scaling t/(d*t_dense) | plan build ms (% of kernel) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        f = lambda x, p=3: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+        plan = "-" if r["plan_build_ms"] is None else f"{r['plan_build_ms']:.3f} ({100 * r['plan_build_ms'] / r['ours_ms']:.1f} %)"
+        lines.append(f"| {r['shape']} | {r['L'] // 1024}K | {r['density']:.3f} | {f(r['ours_ms'])} | {f(r['flex_ms'])} | "
+                     f"{f(r.get('speedup_vs_flex'), 2)}x | {f(r['sdpa_cudnn_ms'])} | {f(r['sdpa_flash_ms'])} | "
+                     f"{f(r.get('speedup_vs_cudnn'), 2)}x | {r['scaling_ratio']:.2f} | {plan} |")
+    return "\n".join(lines)
