@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Optional
@@ -35,15 +36,29 @@ def _pow2(x: int) -> bool:
 
 
 def triton_environment_reason(device: torch.device) -> Optional[str]:
-    """Why the Triton kernel cannot run on this machine / device at all, or None."""
+    """Why the Triton kernel cannot run on this machine / device at all, or None.
+
+    Cached per device and interpreter setting: it sits on every attention call's path.
+    """
+    return _environment_reason(device.type, device.index, triton_interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(device_index: Optional[int]) -> tuple:
+    return torch.cuda.get_device_capability(device_index)
+
+
+@functools.lru_cache(maxsize=64)
+def _environment_reason(device_type: str, device_index: Optional[int], interpreting: bool) -> Optional[str]:
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
     reason = triton_import_error()
     if reason:
         return reason
-    if device.type != "cuda" and not triton_interpreting():
+    if device.type != "cuda" and not interpreting:
         return (f"tensors are on {device}; the Triton kernel needs CUDA tensors "
                 "(or TRITON_INTERPRET=1 to run it in the interpreter on the CPU)")
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        return f"the Triton kernel needs compute capability >= 8.0, got {torch.cuda.get_device_capability(device)}"
+    if device.type == "cuda" and device_capability(device.index) < (8, 0):
+        return f"the Triton kernel needs compute capability >= 8.0, got {device_capability(device.index)}"
     return None
 
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..plan import BlockPlan
-from .dispatch import triton_interpreting
+from .dispatch import device_capability, triton_interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -275,9 +275,16 @@ def default_config(head_dim: int, dtype: torch.dtype) -> tuple:
     return _CONFIGS_16BIT[head_dim]
 
 
-def _tma_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
+# Building two TMA descriptors costs ~30 us of host time per call; below this much work
+# (B * Hq * Lq * Lk) the kernel is too short for TMA to pay that back.
+TMA_MIN_WORK = 1 << 30
+
+
+def _tma_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """TMA descriptors need contiguous K/V, 16-byte rows, and a Hopper+ GPU (not the interpreter)."""
-    if triton_interpreting() or k.device.type != "cuda" or torch.cuda.get_device_capability(k.device) < (9, 0):
+    if triton_interpreting() or k.device.type != "cuda" or device_capability(k.device.index) < (9, 0):
+        return False
+    if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] < TMA_MIN_WORK:
         return False
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
@@ -313,7 +320,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
         return (out, lse) if return_lse else out
 
     block_m, block_n, num_warps, num_stages, *rest = config or default_config(D, q.dtype)
-    use_tma = bool(rest and rest[0]) and _tma_ok(k, v)
+    use_tma = bool(rest and rest[0]) and _tma_ok(q, k, v)
     if plan is None:
         plan_block_q, plan_block_k = block_m, block_n
         counts = indices = band_sink = band_window = extra_counts = extra_indices = out  # unused
