@@ -80,6 +80,52 @@ CASES = {
         planted={"vertical_size": 40, "slash_size": 100},
         bad=[({"vertical_size": -1}, "vertical_size"), ({"local_diagonals": 0}, "local_diagonals"),
              ({"last_q": 0}, "last_q"), ({"gqa_policy": "group_sum"}, "gqa_policy")]),
+    "proxy": dict(
+        small={"gamma": 0.5}, full={"gamma": 1.0}, minimal={"gamma": 0.0},
+        minimal_keep=block_rule(lambda s, qb, kb: (kb == 0) | diag_blocks(s, qb, kb)),
+        planted={"gamma": 0.5},
+        bad=[({"gamma": 1.5}, "gamma"), ({"q_stride": 0}, "q_stride"), ({"q_stride": 48}, "multiple of q_stride"),
+             ({"head_pool": "min"}, "head_pool"), ({"proxy_heads": 0}, "proxy_heads"),
+             ({"gqa_policy": "group_sum"}, "gqa_policy")]),
+    # dense_len=0: the official dense fallback (Lq <= 1024) would make these short inputs dense.
+    "sale": dict(
+        small={"threshold": 0.2, "dense_len": 0}, full={"threshold": 0.0, "dense_len": 0},
+        minimal={"threshold": 1e9, "local_window": 0, "dense_len": 0},
+        minimal_keep=block_rule(lambda s, qb, kb: (kb == 0) | diag_blocks(s, qb, kb)),
+        planted={"threshold": 0.1, "local_window": 64, "dense_len": 0},
+        bad=[({"threshold": -0.1}, "threshold"), ({"bits": 3}, "bits"), ({"local_window": -1}, "local_window"),
+             ({"dense_len": -1}, "dense_len"), ({"gqa_policy": "group_sum"}, "gqa_policy")]),
+    # dense_queries=0: HiP's dense-prefix heuristic makes every row of these short inputs dense.
+    "hip": dict(
+        small=lambda s: {"mask_k": 2 * s["block"], "dense_queries": 0}, full={"mask_k": BIG},
+        minimal={"mask_k": 0, "sliding_window": 0, "dense_queries": 0},
+        minimal_keep=block_rule(lambda s, qb, kb: (kb == 0) | diag_blocks(s, qb, kb)),
+        # A single planted token breaks HiP's locality assumption: one sampled token per node never
+        # hits it, the node mean does (test_hip.py plants a needle *block* for the default sampling).
+        planted=lambda s: {"mask_k": 2 * s["block"], "sampling": "mean", "sliding_window": 0, "dense_queries": 0},
+        bad=[({"mask_k": -1}, "mask_k"), ({"scale_up": 1}, "scale_up"), ({"sampling": "max"}, "sampling"),
+             ({"dense_queries": -1}, "dense_queries"), ({"gqa_policy": "group_sum"}, "gqa_policy")]),
+    # step=2 so that these short inputs hold several groups; init = the first group (2 blocks).
+    "anchor": dict(
+        small={"step": 2, "theta": 2.7, "dense_tail": False}, full={"step": 2, "theta": 1e9},
+        minimal={"step": 2, "theta": -1e9, "dense_tail": False},
+        minimal_keep=block_rule(lambda s, qb, kb: (kb < 2) | ((kb >= qb // 2 * 2) & (kb <= qb))),
+        planted={"step": 2, "theta": 0.0, "dense_tail": False},  # noise keys far below the threshold
+        bad=[({"step": 0}, "step"), ({"granularity": "pixel"}, "granularity"), ({"theta": float("nan")}, "theta"),
+             ({"local_groups": 0}, "local_groups"), ({"dense_tail": 1}, "dense_tail")]),
+    # "columns" where the permutation matters: with segment_size = 2 * block the "blocks" mapping is
+    # nearly segment-level, i.e. dense on these short inputs (test_pbs.py checks it against a loop).
+    # segment_size = block in "minimal": permuting inside a block leaves block membership alone, so
+    # the forced first-key block is block 0 and the minimal plan is data-independent.
+    "pbs": dict(
+        small=lambda s: {"segment_size": 2 * s["block"], "threshold": 0.5, "mapping": "columns"},
+        full={"threshold": 1.0},
+        minimal=lambda s: {"segment_size": s["block"], "threshold": 0.0},
+        minimal_keep=block_rule(lambda s, qb, kb: (kb == 0) | diag_blocks(s, qb, kb)),
+        planted=lambda s: {"segment_size": 2 * s["block"], "threshold": 0.5, "mapping": "columns"},
+        bad=[({"segment_size": 100}, "multiple of block_size"), ({"segment_size": 0}, "segment_size"),
+             ({"threshold": 1.5}, "threshold"), ({"mapping": "perm"}, "mapping"),
+             ({"force_first_block": 1}, "force_first_block")]),
 }
 
 # Lengths not multiples of the block; GQA 1 and 3; batch 1 and 2.

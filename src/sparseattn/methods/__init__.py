@@ -26,9 +26,15 @@ from .moa import MoA  # noqa: E402
 from .duo import Duo  # noqa: E402
 from .flexprefill import FlexPrefill  # noqa: E402
 from .vertical_slash import VerticalSlash  # noqa: E402
+from .proxy import ProxyAttn  # noqa: E402
+from .sale import SALE  # noqa: E402
+from .hip import HiP  # noqa: E402
+from .anchor import AnchorAttention  # noqa: E402
+from .pbs import PBS  # noqa: E402
 
 __all__ = [
     "PrefillMethod", "ScoreBasedMethod", "LayerMethods", "get_method", "list_methods", "register",
     "sparse_attention", "pool_blocks", "select_threshold", "select_topk",
     "Dense", "Streaming", "TriShape", "BlockTopK", "XAttention", "Power", "MoA", "Duo", "FlexPrefill", "VerticalSlash",
+    "ProxyAttn", "SALE", "HiP", "AnchorAttention", "PBS",
 ]

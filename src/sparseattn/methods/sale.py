@@ -1,0 +1,173 @@
+"""SALE: low-bit Q K^T estimate, blocks kept by the relative attention score against sink + local."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..plan import BlockPlan
+from .base import (ESTIMATE_CHUNK_ELEMENTS, PerHead, PrefillMethod, cdiv, check_choice, check_float, check_int,
+                   check_per_head, forced_blocks, head_values, query_block_positions, visible_blocks)
+from .registry import register
+
+
+def quantize_per_token(x: torch.Tensor, bits: int):
+    """Symmetric per-token quantization: ``x ~ scale * x_int`` with ``|x_int| <= 2**(bits-1) - 1``.
+
+    Returns ``(x_int, scale)`` as float tensors (``x_int`` holds integers), ``scale [..., 1]``.
+    Round half to even, as the official ``float2int_rn``.
+    """
+    qmax = float(2 ** (bits - 1) - 1)
+    amax = x.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    return torch.round(x / scale).clamp_(-qmax, qmax), scale
+
+
+@register
+@dataclass(kw_only=True)
+class SALE(PrefillMethod):
+    """SALE (Zhao et al. 2025, arXiv 2505.24179), as a plan: two passes per query block.
+
+    1. **Low-bit estimate.** Q and K are smoothed by their sequence means (``q - mean(q)`` per
+       query head, ``k - mean(k)`` per KV head) and quantized per token to signed ``bits``-bit
+       integers (``[-7, 7]`` for int4). The estimated logit of (i, j) is
+       ``(sq_i sk_j <q_int_i, k_int_j> + <mean(q), k_j - mean(k)>) / sqrt(D)``, i.e. the official
+       int4 product plus its ``qmk`` correction; shifting every key by ``mean(k)`` changes each row
+       by a constant, so softmax ratios are unchanged. Integer products are exact in fp32.
+    2. **Pass 1, anchors (full precision).** Each query row's max ``m_i`` and sum
+       ``l_i = sum exp(s_ij - m_i)`` over the anchor: the ``sink_blocks`` first key blocks, the
+       diagonal block(s) and ``ceil(local_window / block_size)`` blocks before them (causal).
+    3. **Pass 2, relative attention score.** A visible key block is kept when some (query, key)
+       pair in its tile has ``exp(est_ij - m_i) / l_i >= threshold_h``, tested as
+       ``est_ij >= m_i + log(threshold_h * l_i)``. The anchor blocks are always kept.
+
+    Granularity: the official tiles are 64 queries x 32 keys; a plan block of ``block_size`` keys
+    is kept when either of its 32-key halves would be (so the plan computes a superset of the
+    official tiles with the default ``block_size=64``). ``threshold`` may be per query head (the
+    official calibrated ``dynamic_<x>.pt`` tables) or a per-(layer, head) table; a head whose
+    threshold is below ``1e-5`` keeps every visible block (official rule, spec section 6). GQA policy: ``"per_q_head"`` (the official kernel reads per-query-head
+    thresholds and records per-query-head tiles; plan ``H = Hq``) or ``"group_union"``
+    (``H = Hkv``). Inputs with ``Lq <= dense_len`` get the dense plan, as the official wrapper
+    falls back to SDPA there.
+
+    Not reproduced: the int4 tensor-core GEMM and the per-warp (``quant_mode=3``) scale layout,
+    which depends on the MMA fragment layout; this estimate uses per-token scales (the official
+    ``quant_mode=2``). The official kernel also fuses the computation pass; here the kernel runs
+    the plan. Ambiguity resolved here: the anchor's local window is block-rounded to cover
+    ``local_window`` tokens before every query of the block.
+
+    Defaults (source: BirdChristopher/SALE ``README.md`` and ``int4_flash_attn/flash_attn_int4_skip.py``
+    ``flash_attn_func_int4_skip``): ``block_size=64`` (``block_q_size``), ``local_window=128``,
+    ``threshold=0.004`` (README example for all heads), ``bits=4`` (int4), ``dense_len=1024``
+    (``if q_len <= 1024``: SDPA). ``sink_blocks=1`` is the first key tile of the anchor (spec
+    section 6). Estimation cost: ``Lq * Lk * D`` low-bit multiply-adds per query head (the method's
+    own cost model: an element-wise estimate over the causal area) plus the anchor.
+    Memory: query rows are processed in chunks of whole blocks near ``ESTIMATE_CHUNK_ELEMENTS``.
+    """
+
+    name: ClassVar[str] = "sale"
+
+    block_size: int = 64
+    threshold: PerHead = 0.004
+    bits: int = 4
+    local_window: int = 128
+    sink_blocks: int = 1
+    dense_len: int = 1024
+    gqa_policy: str = "per_q_head"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.threshold = check_per_head("threshold", self.threshold, lambda n, x: check_float(n, x, minimum=0.0))
+        if self.bits not in (4, 8) or isinstance(self.bits, bool):
+            raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
+        check_int("local_window", self.local_window, minimum=0)
+        check_int("sink_blocks", self.sink_blocks, minimum=0)
+        check_int("dense_len", self.dense_len, minimum=0)
+        check_choice("gqa_policy", self.gqa_policy, ("per_q_head", "group_union"))
+
+    def _plan(self, q, k, v, *, causal, layer_idx):
+        B, Hq, Lq, D = q.shape
+        Hkv, Lk = k.shape[1], k.shape[2]
+        G, bs, dev = Hq // Hkv, self.block_size, q.device
+        geo = dict(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk)
+        nQ, nK = cdiv(Lq, bs), cdiv(Lk, bs)
+        if Lq <= self.dense_len:
+            return BlockPlan.dense(1, 1, **geo, causal=causal, device=dev)
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        tau = head_values(self.threshold, name="threshold", heads=Hq, q_heads=Hq, kv_heads=Hkv, layer_idx=layer_idx,
+                          device=dev, dtype=dt)
+        log_tau = torch.log(tau).view(1, Hq, 1, 1)  # log(0) = -inf: everything passes
+
+        # Smoothing and per-token quantization (step 1).
+        qf, kf = q.to(dt), k.to(dt)
+        q_mean = qf.mean(2, keepdim=True)  # [B, Hq, 1, D]
+        ks = kf - kf.mean(2, keepdim=True)  # [B, Hkv, Lk, D]
+        q_int, sq = quantize_per_token(qf - q_mean, self.bits)
+        k_int, sk = quantize_per_token(ks, self.bits)
+        scale = 1.0 / math.sqrt(D)
+        qmk = torch.matmul(q_mean.view(B, Hkv, G, D), ks.transpose(-1, -2)).view(B, Hq, 1, Lk)  # mean(q) . ks_j
+        k_int_t = k_int.to(torch.float32).transpose(-1, -2)  # integer products are exact in fp32
+        sk_t = sk.transpose(-1, -2).view(B, Hkv, 1, 1, Lk)
+
+        # Anchor geometry: sink keys [0, sink_end) and a local window of W blocks per query block.
+        lb = cdiv(self.local_window, bs)
+        sink_end = min(self.sink_blocks * bs, Lk)
+        first, last = query_block_positions(nQ, bs, Lq, Lk, dev)
+        d_lo = first.clamp(min=0) // bs
+        W = lb + 2  # local blocks + up to two diagonal blocks (a straddling bottom-right offset)
+        win = ((d_lo - lb).view(-1, 1) * bs + torch.arange(W * bs, device=dev).view(1, -1))  # [nQ, W*bs]
+        win_ok = (win >= sink_end) & (win < Lk)  # sink keys are counted once, in the sink part
+        win = win.clamp(0, max(Lk - 1, 0))
+        visible = visible_blocks(**geo, causal=causal, device=dev)
+        anchor = forced_blocks(**geo, sink_blocks=self.sink_blocks, local_blocks=lb, diagonal=True,
+                               device=dev) & visible
+        j = torch.arange(Lk, device=dev)
+
+        per_block = B * Hq * bs * (Lk + sink_end + W * bs)
+        chunk = max(1, ESTIMATE_CHUNK_ELEMENTS // max(1, per_block))
+        keep = []
+        for m0 in range(0, nQ, chunk):  # a handful of chunks, for memory only
+            m1 = min(nQ, m0 + chunk)
+            nm, R = m1 - m0, (m1 - m0) * bs
+            r = torch.arange(m0 * bs, m1 * bs, device=dev)
+            row_ok = (r < Lq).view(-1, 1)
+            pos = (Lk - Lq + r).view(-1, 1)  # absolute positions of the chunk's rows
+            qc = F.pad(qf[:, :, m0 * bs:m1 * bs], (0, 0, 0, R - min(R, Lq - m0 * bs)))  # [B, Hq, R, D]
+            # Pass 1: exact anchor statistics per row.
+            s_sink = torch.matmul(qc.view(B, Hkv, G * R, D), ks[:, :, :sink_end].transpose(-1, -2))
+            s_sink = s_sink.view(B, Hq, R, sink_end) * scale
+            s_sink = s_sink.masked_fill(~(row_ok & ((j[:sink_end].view(1, -1) <= pos) | (not causal))), float("-inf"))
+            idx = win[m0:m1]  # [nm, W*bs]
+            kw = ks[:, :, idx.reshape(-1)].view(B, Hkv, nm, W * bs, D)
+            s_loc = torch.einsum("bkgmrd,bkmjd->bkgmrj", qc.view(B, Hkv, G, nm, bs, D), kw) * scale
+            loc_ok = win_ok[m0:m1].view(nm, 1, -1) & row_ok.view(nm, bs, 1)
+            if causal:
+                loc_ok = loc_ok & (idx.view(nm, 1, -1) <= pos.view(nm, bs, 1))
+            s_loc = s_loc.reshape(B, Hq, nm, bs, W * bs).masked_fill(~loc_ok, float("-inf")).view(B, Hq, R, W * bs)
+            s_anchor = torch.cat([s_sink, s_loc], dim=-1)
+            m_i = s_anchor.amax(-1, keepdim=True)  # [B, Hq, R, 1]
+            l_i = torch.exp(s_anchor - m_i.nan_to_num(neginf=0.0)).sum(-1, keepdim=True)
+            del s_sink, s_loc, s_anchor, kw
+            # Pass 2: low-bit estimate against the per-row threshold m_i + log(tau * l_i).
+            thr = m_i + log_tau + torch.log(l_i)
+            thr = torch.where(torch.isfinite(m_i), thr, torch.full_like(thr, float("inf")))  # rows that see nothing
+            qi = F.pad(q_int[:, :, m0 * bs:m1 * bs], (0, 0, 0, R - min(R, Lq - m0 * bs))).to(torch.float32)
+            dots = torch.matmul(qi.view(B, Hkv, G * R, D), k_int_t).view(B, Hkv, G, R, Lk).to(dt)
+            sqc = F.pad(sq[:, :, m0 * bs:m1 * bs], (0, 0, 0, R - min(R, Lq - m0 * bs)))
+            est = (dots * sk_t * sqc.view(B, Hkv, G, R, 1)).view(B, Hq, R, Lk) + qmk
+            del dots
+            passed = (est * scale >= thr) & row_ok
+            if causal:
+                passed = passed & (j.view(1, -1) <= pos)
+            del est
+            passed = F.pad(passed, (0, nK * bs - Lk)).view(B, Hq, nm, bs, nK, bs).any(5).any(3)
+            keep.append(passed)
+        dense_head = (tau < 1e-5).view(1, Hq, 1, 1)  # official: such a head is not sparsified
+        keep = (torch.cat(keep, dim=2) | anchor | dense_head) & visible
+        if self.gqa_policy == "group_union":
+            keep = keep.view(B, Hkv, G, nQ, nK).any(2)
+        return BlockPlan.from_block_mask(keep, **geo, causal=causal)
