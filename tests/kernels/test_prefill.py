@@ -58,6 +58,25 @@ def test_gqa_and_plan_head_sharing(backend, group, plan_heads):
     run_case(backend, 2, Hq, Hkv, 150, 190, 16, plan_heads=H, plan_kind="random", plan_batch=2)
 
 
+@needs_triton
+@pytest.mark.parametrize("group", [2, 3, 8])
+@pytest.mark.parametrize("plan_kind,plan_heads", [("none", "q"), ("random", "kv"), ("band", "one"), ("extra", "kv")])
+def test_gqa_packed_programs_match_unpacked(group, plan_kind, plan_heads):
+    # Packing the heads of a group into one program must not change a single bit of the result.
+    from sparseattn.kernels.prefill_triton import attention_triton
+
+    Hkv = 2 if group <= 3 else 1
+    Hq = Hkv * group
+    q, k, v = make_qkv(2, Hq, Hkv, 100, 120, 32, LOW_PRECISION, DEVICE, seed=group)
+    H = {"q": Hq, "kv": Hkv, "one": 1}[plan_heads]
+    plan = make_plan(plan_kind, 2, H, 100, 120, 64, 64, device=DEVICE, seed=group)
+    packed = attention_triton(q, k, v, plan, pack_gqa=True, return_lse=True)
+    plain = attention_triton(q, k, v, plan, pack_gqa=False, return_lse=True)
+    ref, ref_lse, pt = references(q, k, v, plan)
+    assert_tolerance(packed[0], packed[1], ref, ref_lse, pt)
+    assert torch.equal(packed[0], plain[0]) and torch.equal(packed[1], plain[1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_plan_shared_across_batch(backend):
     run_case(backend, 3, 2, 1, 130, 130, 32, plan_batch=1)

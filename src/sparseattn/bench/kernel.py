@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block", type=int, default=128, help="plan block size (block_q = block_k)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="input dtype")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (it compiles per shape)")
+    p.add_argument("--plan-heads", default="q", choices=["q", "kv", "both"],
+                   help="plans per query head (q), shared by each GQA group (kv: our kernel may pack the "
+                        "group into one program), or both")
     p.add_argument("--sweep", action="store_true",
                    help="instead of the table, time kernel tile configs (BLOCK_M, BLOCK_N, warps, stages)")
     p.add_argument("--out", default="runs/bench_kernel.json", help="where to write the JSON results")
@@ -214,8 +217,8 @@ def run(args) -> int:
 
         flex = torch.compile(flex_attention, dynamic=False)
     results = []
-    header = (f"{'shape':>9} {'L':>7} {'target':>6} {'density':>7} {'ours ms':>9} {'TFLOP/s':>7} {'flex ms':>9} "
-              f"{'ours/flex':>9} {'cuDNN ms':>9} {'FA ms':>8} {'vs cuDNN':>8} {'scaling':>7} {'plan ms':>8} {'plan %':>6}")
+    header = (f"{'shape':>9} {'L':>7} {'plan':>4} {'target':>6} {'density':>7} {'ours ms':>9} {'TFLOP/s':>7} {'flex ms':>9} "
+              f"{'ours/flex':>9} {'cuDNN ms':>9} {'FA ms':>8} {'vs cuDNN':>8} {'scaling':>7} {'plan ms':>8} {'plan %':>6} {'packed':>7} {'unpack':>7}")
     print(header)
     for shape_name in args.shapes.split(","):
         Hq, Hkv, D = SHAPES[shape_name]
@@ -235,12 +238,15 @@ def run(args) -> int:
                     base[name + "_error"] = f"{type(exc).__name__}: {exc}"[:200]
             t_dense = bench(lambda: block_sparse_attention(q, k, v, None))
             flops = _causal_flops(Hq, L, D)
-            for d in densities:
+            modes = ["q", "kv"] if args.plan_heads == "both" else [args.plan_heads]
+            for d, mode in [(d, m) for d in densities for m in modes]:
+                plan_h = Hq if mode == "q" else Hkv
                 if d >= 1.0:
-                    plan = BlockPlan.dense(block_q=args.block, block_k=args.block, q_len=L, k_len=L, device="cuda")
+                    plan = BlockPlan.dense(1, plan_h, block_q=args.block, block_k=args.block, q_len=L, k_len=L,
+                                           device="cuda")
                     mask_for_build = None
                 else:
-                    plan = random_plan_at_density(1, Hq, L, args.block, d, "cuda")
+                    plan = random_plan_at_density(1, plan_h, L, args.block, d, "cuda")
                     mask_for_build = plan.block_mask()
                 density = plan.density()
                 t_ours = bench(lambda: block_sparse_attention(q, k, v, plan))
@@ -251,7 +257,7 @@ def run(args) -> int:
                 t_flex = flex_err = None
                 if flex is not None:
                     try:
-                        bmask = flex_block_mask(plan, 1, Hq)
+                        bmask = flex_block_mask(plan.expand_heads(Hq), 1, Hq)
                         ref = flex(q, k, v, block_mask=bmask, enable_gqa=True).float()
                         ours = block_sparse_attention(q, k, v, plan).float()
                         flex_err = ((ours - ref).norm() / ref.norm()).item()  # same plan, same function
@@ -260,7 +266,14 @@ def run(args) -> int:
                         del bmask
                     except Exception as exc:
                         print(f"FlexAttention failed at {shape_name} L={L} d={d}: {type(exc).__name__}: {exc}"[:300])
+                t_packed = t_unpacked = None
+                if mode == "kv" and Hq > Hkv:  # the same plan with and without packing the group
+                    from ..kernels.prefill_triton import attention_triton
+
+                    t_packed = bench(lambda: attention_triton(q, k, v, plan, pack_gqa=True))
+                    t_unpacked = bench(lambda: attention_triton(q, k, v, plan, pack_gqa=False))
                 row = {"shape": shape_name, "Hq": Hq, "Hkv": Hkv, "D": D, "L": L, "target_density": d,
+                       "plan_heads": mode, "ours_packed_ms": t_packed, "ours_unpacked_ms": t_unpacked,
                        "density": density, "ours_ms": t_ours, "ours_dense_ms": t_dense, "flex_ms": t_flex,
                        "sdpa_cudnn_ms": base.get("cudnn"), "sdpa_flash_ms": base.get("flash"),
                        "plan_build_ms": t_plan, "ours_vs_flex_rel_err": flex_err, "sdpa_modes": {k_: v_ for k_, v_ in base.items() if not
@@ -272,12 +285,14 @@ def run(args) -> int:
                 if base.get("cudnn"):
                     row["speedup_vs_cudnn"] = base["cudnn"] / t_ours
                 results.append(row)
+                _write(args.out, {"env": env, "results": results}, quiet=True)  # nothing lost if stopped
                 fmt = lambda x, w, p=3: f"{x:{w}.{p}f}" if x is not None else f"{'-':>{w}}"  # noqa: E731
-                print(f"{shape_name:>9} {L:>7} {d:>6.2f} {density:>7.3f} {fmt(t_ours, 9)} "
+                print(f"{shape_name:>9} {L:>7} {mode:>4} {d:>6.2f} {density:>7.3f} {fmt(t_ours, 9)} "
                       f"{row['ours_tflops_effective']:>7.0f} {fmt(t_flex, 9)} {fmt(row.get('speedup_vs_flex'), 9, 2)} "
                       f"{fmt(base.get('cudnn'), 9)} {fmt(base.get('flash'), 8)} {fmt(row.get('speedup_vs_cudnn'), 8, 2)} "
                       f"{row['scaling_ratio']:>7.2f} {fmt(t_plan, 8)} "
-                      f"{fmt(100 * t_plan / t_ours if t_plan else None, 6, 1)}", flush=True)
+                      f"{fmt(100 * t_plan / t_ours if t_plan else None, 6, 1)} {fmt(t_packed, 7)} {fmt(t_unpacked, 7)}",
+                      flush=True)
                 del plan
             del q, k, v
             torch.cuda.empty_cache()
@@ -285,22 +300,24 @@ def run(args) -> int:
     return 0
 
 
-def _write(path, payload):
+def _write(path, payload, quiet=False):
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=1))
-    print(f"wrote {out}")
+    if not quiet:
+        print(f"wrote {out}")
 
 
 def markdown_table(results: list) -> str:
     """The results as a Markdown table (used for BENCHMARKS.md)."""
-    lines = ["| Hq/Hkv/D | L | density | ours ms | FlexAttention ms | ours vs Flex | cuDNN dense ms | FA2 dense ms "
+    lines = ["| Hq/Hkv/D | L | plan per | density | ours ms | FlexAttention ms | ours vs Flex | cuDNN dense ms | FA2 dense ms "
              "| ours vs cuDNN | scaling t/(d*t_dense) | plan build ms (% of kernel) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         f = lambda x, p=3: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
         plan = "-" if r["plan_build_ms"] is None else f"{r['plan_build_ms']:.3f} ({100 * r['plan_build_ms'] / r['ours_ms']:.1f} %)"
-        lines.append(f"| {r['shape']} | {r['L'] // 1024}K | {r['density']:.3f} | {f(r['ours_ms'])} | {f(r['flex_ms'])} | "
+        per = {"q": "q head", "kv": "KV group"}[r.get("plan_heads", "q")]
+        lines.append(f"| {r['shape']} | {r['L'] // 1024}K | {per} | {r['density']:.3f} | {f(r['ours_ms'])} | {f(r['flex_ms'])} | "
                      f"{f(r.get('speedup_vs_flex'), 2)}x | {f(r['sdpa_cudnn_ms'])} | {f(r['sdpa_flash_ms'])} | "
                      f"{f(r.get('speedup_vs_cudnn'), 2)}x | {r['scaling_ratio']:.2f} | {plan} |")
     return "\n".join(lines)

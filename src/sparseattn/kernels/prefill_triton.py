@@ -141,26 +141,41 @@ def _block_sparse_fwd(
     PLAN_BLOCK_Q: tl.constexpr, PLAN_BLOCK_K: tl.constexpr,
     IS_DENSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BAND: tl.constexpr, HAS_EXTRA: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    USE_TMA: tl.constexpr, COUNT_CHUNK: tl.constexpr,
+    USE_TMA: tl.constexpr, COUNT_CHUNK: tl.constexpr, GROUP_PACK: tl.constexpr,
 ):
     # K, V are tensor descriptors over [B * Hkv * Lk, D] when USE_TMA, else the same as K_ptr, V_ptr.
+    # GROUP_PACK > 1: one program holds the queries of GROUP_PACK heads of one GQA group (rows
+    # interleaved as (position, head)), so each K/V tile is read once for the whole group; only
+    # used when the plan is shared by the group. Rows of padding heads (group < GROUP_PACK) are
+    # masked. POS_PER_TILE query positions per program.
+    POS_PER_TILE: tl.constexpr = BLOCK_M // GROUP_PACK
     # Heaviest tiles (last rows under causal) first, so the tail of the grid is short work.
     tile = num_q_tiles - 1 - tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // num_q_heads
-    h = bh % num_q_heads
-    hk = h // group
-    b64 = b.to(tl.int64)
-
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_tile_n = tl.arange(0, BLOCK_N)
     q_offset = k_len - q_len  # bottom-right causal alignment
+    if GROUP_PACK > 1:
+        b = bh // num_kv_heads
+        hk = bh % num_kv_heads
+        rows = tl.arange(0, BLOCK_M)
+        head_in_group = rows % GROUP_PACK
+        offs_m = tile * POS_PER_TILE + rows // GROUP_PACK  # query index of each row
+        h_rows = hk * group + head_in_group  # query head of each row
+        h = hk * group  # first head of the group: picks the shared plan row
+        row_ok = (offs_m < q_len) & (head_in_group < group)
+    else:
+        b = bh // num_q_heads
+        h = bh % num_q_heads
+        hk = h // group
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        h_rows = h + offs_m * 0
+        row_ok = offs_m < q_len
+    b64 = b.to(tl.int64)
     pos_m = q_offset + offs_m  # absolute positions of the tile's queries
-    row_ok = offs_m < q_len
 
-    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
-    q_ptrs = q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs = (Q + b64 * stride_qb + h_rows.to(tl.int64)[:, None] * stride_qh
+              + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     k_base = K_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh
@@ -172,8 +187,8 @@ def _block_sparse_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     # Keys every row of this tile sees: all of them without causal, else up to the first row.
-    first_pos = q_offset + tile * BLOCK_M
-    last_pos = tl.minimum(q_offset + tile * BLOCK_M + BLOCK_M, q_offset + q_len) - 1
+    first_pos = q_offset + tile * POS_PER_TILE
+    last_pos = tl.minimum(q_offset + tile * POS_PER_TILE + POS_PER_TILE, q_offset + q_len) - 1
     if CAUSAL:
         full_keys = tl.minimum(tl.maximum(first_pos + 1, 0), k_len)
         vis_keys = tl.minimum(tl.maximum(last_pos + 1, 0), k_len)
@@ -191,7 +206,7 @@ def _block_sparse_fwd(
         n_vis = vis_blocks
         count = vis_blocks
     else:
-        m_plan = (tile * BLOCK_M) // PLAN_BLOCK_Q
+        m_plan = (tile * POS_PER_TILE) // PLAN_BLOCK_Q
         ph = (h // plan_head_div).to(tl.int64)
         count = tl.load(Counts + b64 * stride_cb + ph * stride_ch + m_plan * stride_cm)
         idx_row = Indices + b64 * stride_ib + ph * stride_ih + m_plan.to(tl.int64) * stride_im
@@ -239,13 +254,13 @@ def _block_sparse_fwd(
     has_mass = l_i > 0.0
     out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
     out = tl.where(poison[:, None] > 0.0, float("nan"), out)
-    o_ptrs = (Out + b64 * stride_ob + h.to(tl.int64) * stride_oh
+    o_ptrs = (Out + b64 * stride_ob + h_rows.to(tl.int64)[:, None] * stride_oh
               + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     if RETURN_LSE:
         lse = tl.where(has_mass, (m_i + tl.math.log2(tl.where(has_mass, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
-        tl.store(Lse + b64 * stride_lb + h.to(tl.int64) * stride_lh + offs_m, lse, mask=row_ok)
+        tl.store(Lse + b64 * stride_lb + h_rows.to(tl.int64) * stride_lh + offs_m, lse, mask=row_ok)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head_dim for 16-bit inputs on Hopper; chosen by
@@ -260,6 +275,8 @@ _CONFIGS_16BIT = {
     128: (128, 128, 8, 3, True),
     256: (64, 32, 8, 2, False),
 }
+# Pack the heads of a GQA group into one program (K/V read once per group) when the plan allows.
+_PACK_GQA_DEFAULT = {16: False, 32: False, 64: False, 128: False, 256: False}
 # float32 runs with exact (ieee) dot products: smaller tiles keep it in registers.
 _CONFIGS_FP32 = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2),
                  256: (16, 16, 4, 1)}
@@ -303,11 +320,13 @@ def _small_meta(t: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Optional[BlockPlan], *,
                      causal: bool = True, scale: Optional[float] = None, return_lse: bool = False,
-                     config: Optional[tuple] = None, out: Optional[torch.Tensor] = None):
+                     config: Optional[tuple] = None, out: Optional[torch.Tensor] = None,
+                     pack_gqa: Optional[bool] = None):
     """Launch the kernel on validated inputs (see ``block_sparse_attention``).
 
     ``config`` = ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, use_tma])`` overrides the tuned default;
-    ``out`` lets tests hand in a poisoned output buffer.
+    ``out`` lets tests hand in a poisoned output buffer. ``pack_gqa`` (default per head_dim) packs
+    the query heads of a GQA group into one program when the plan is shared by the group.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -352,8 +371,19 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
 
         k_arg = TensorDescriptor.from_tensor(k.view(B * Hkv * Lk, D), [block_n, D])
         v_arg = TensorDescriptor.from_tensor(v.view(B * Hkv * Lk, D), [block_n, D])
-    num_q_tiles = triton.cdiv(Lq, block_m)
-    grid = (num_q_tiles, B * Hq)
+    group = Hq // Hkv
+    pack = 1
+    if pack_gqa is None:
+        pack_gqa = _PACK_GQA_DEFAULT.get(D, False)
+    if pack_gqa and group > 1 and (plan is None or plan.heads in (1, Hkv)):
+        pack = triton.next_power_of_2(group)
+        if block_m < pack:  # fewer rows than heads in the group: no room to pack
+            pack = 1
+    positions_per_tile = block_m // pack
+    if plan is None:
+        plan_block_q = positions_per_tile
+    num_q_tiles = triton.cdiv(Lq, positions_per_tile)
+    grid = (num_q_tiles, B * (Hkv if pack > 1 else Hq))
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     # Triton's interpreter (3.9) computes bf16 dot products wrongly; there we upcast the operands,
     # which gives the same math as a bf16 tensor-core product with fp32 accumulation.
@@ -365,12 +395,12 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         lse.stride(0), lse.stride(1),
         *stride_c, *stride_i, *stride_e,
-        Hq, Hkv, Lq, Lk, num_q_tiles, Hq // Hkv, plan_head_div, k, v,
+        Hq, Hkv, Lq, Lk, num_q_tiles, group, plan_head_div, k, v,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
         PLAN_BLOCK_Q=plan_block_q, PLAN_BLOCK_K=plan_block_k,
         IS_DENSE=plan is None, CAUSAL=causal, HAS_BAND=has_band, HAS_EXTRA=has_extra,
         RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, USE_TMA=use_tma,
-        COUNT_CHUNK=128,
+        COUNT_CHUNK=128, GROUP_PACK=pack,
         num_warps=num_warps, num_stages=num_stages,
     )
     return (out, lse) if return_lse else out
