@@ -62,7 +62,9 @@ def test_gqa_and_plan_head_sharing(backend, group, plan_heads):
 @pytest.mark.parametrize("group", [2, 3, 8])
 @pytest.mark.parametrize("plan_kind,plan_heads", [("none", "q"), ("random", "kv"), ("band", "one"), ("extra", "kv")])
 def test_gqa_packed_programs_match_unpacked(group, plan_kind, plan_heads):
-    # Packing the heads of a group into one program must not change a single bit of the result.
+    # Packing the heads of a group into one program computes the same function: both pass the
+    # tolerance rule. In the interpreter they are bitwise equal; on a GPU the packed tile puts
+    # rows in other MMA lanes, which may change the last bit of the fp32 accumulators.
     from sparseattn.kernels.prefill_triton import attention_triton
 
     Hkv = 2 if group <= 3 else 1
@@ -74,7 +76,9 @@ def test_gqa_packed_programs_match_unpacked(group, plan_kind, plan_heads):
     plain = attention_triton(q, k, v, plan, pack_gqa=False, return_lse=True)
     ref, ref_lse, pt = references(q, k, v, plan)
     assert_tolerance(packed[0], packed[1], ref, ref_lse, pt)
-    assert torch.equal(packed[0], plain[0]) and torch.equal(packed[1], plain[1])
+    assert_tolerance(plain[0], plain[1], ref, ref_lse, pt)
+    if not HAS_CUDA:
+        assert torch.equal(packed[0], plain[0]) and torch.equal(packed[1], plain[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
