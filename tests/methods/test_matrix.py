@@ -86,6 +86,19 @@ def test_plans_are_deterministic(name, s):
             assert torch.equal(value, b[field]), field
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_non_contiguous_inputs_give_the_same_plan(name):
+    # Models hand attention q/k/v as transposed views of [B, L, H, D]; plans must not depend on it.
+    s = SHAPES[-1]
+    q, k, v = make_qkv(s, seed=5)
+    qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert not qt.is_contiguous()
+    a = plan_fields(build(name, "small", s, q, k, v))
+    b = plan_fields(build(name, "small", s, qt, kt, vt))
+    for field, value in a.items():
+        assert (value is None and b[field] is None) or torch.equal(value, b[field]), field
+
+
 @pytest.mark.parametrize("s", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("name", PLANTED)
 def test_estimate_finds_a_planted_key_column(name, s):

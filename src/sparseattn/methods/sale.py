@@ -100,7 +100,7 @@ class SALE(PrefillMethod):
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         tau = head_values(self.threshold, name="threshold", heads=Hq, q_heads=Hq, kv_heads=Hkv, layer_idx=layer_idx,
                           device=dev, dtype=dt)
-        log_tau = torch.log(tau).view(1, Hq, 1, 1)  # log(0) = -inf: everything passes
+        log_tau = torch.log(tau).reshape(1, Hq, 1, 1)  # log(0) = -inf: everything passes
 
         # Smoothing and per-token quantization (step 1).
         qf, kf = q.to(dt), k.to(dt)
@@ -109,9 +109,9 @@ class SALE(PrefillMethod):
         q_int, sq = quantize_per_token(qf - q_mean, self.bits)
         k_int, sk = quantize_per_token(ks, self.bits)
         scale = 1.0 / math.sqrt(D)
-        qmk = torch.matmul(q_mean.view(B, Hkv, G, D), ks.transpose(-1, -2)).view(B, Hq, 1, Lk)  # mean(q) . ks_j
+        qmk = torch.matmul(q_mean.reshape(B, Hkv, G, D), ks.transpose(-1, -2)).reshape(B, Hq, 1, Lk)  # mean(q) . ks_j
         k_int_t = k_int.to(torch.float32).transpose(-1, -2)  # integer products are exact in fp32
-        sk_t = sk.transpose(-1, -2).view(B, Hkv, 1, 1, Lk)
+        sk_t = sk.transpose(-1, -2).reshape(B, Hkv, 1, 1, Lk)
 
         # Anchor geometry: sink keys [0, sink_end) and a local window of W blocks per query block.
         lb = cdiv(self.local_window, bs)
@@ -119,7 +119,7 @@ class SALE(PrefillMethod):
         first, last = query_block_positions(nQ, bs, Lq, Lk, dev)
         d_lo = first.clamp(min=0) // bs
         W = lb + 2  # local blocks + up to two diagonal blocks (a straddling bottom-right offset)
-        win = ((d_lo - lb).view(-1, 1) * bs + torch.arange(W * bs, device=dev).view(1, -1))  # [nQ, W*bs]
+        win = ((d_lo - lb).reshape(-1, 1) * bs + torch.arange(W * bs, device=dev).reshape(1, -1))  # [nQ, W*bs]
         win_ok = (win >= sink_end) & (win < Lk)  # sink keys are counted once, in the sink part
         win = win.clamp(0, max(Lk - 1, 0))
         visible = visible_blocks(**geo, causal=causal, device=dev)
@@ -134,20 +134,20 @@ class SALE(PrefillMethod):
             m1 = min(nQ, m0 + chunk)
             nm, R = m1 - m0, (m1 - m0) * bs
             r = torch.arange(m0 * bs, m1 * bs, device=dev)
-            row_ok = (r < Lq).view(-1, 1)
-            pos = (Lk - Lq + r).view(-1, 1)  # absolute positions of the chunk's rows
+            row_ok = (r < Lq).reshape(-1, 1)
+            pos = (Lk - Lq + r).reshape(-1, 1)  # absolute positions of the chunk's rows
             qc = F.pad(qf[:, :, m0 * bs:m1 * bs], (0, 0, 0, R - min(R, Lq - m0 * bs)))  # [B, Hq, R, D]
             # Pass 1: exact anchor statistics per row.
-            s_sink = torch.matmul(qc.view(B, Hkv, G * R, D), ks[:, :, :sink_end].transpose(-1, -2))
-            s_sink = s_sink.view(B, Hq, R, sink_end) * scale
-            s_sink = s_sink.masked_fill(~(row_ok & ((j[:sink_end].view(1, -1) <= pos) | (not causal))), float("-inf"))
+            s_sink = torch.matmul(qc.reshape(B, Hkv, G * R, D), ks[:, :, :sink_end].transpose(-1, -2))
+            s_sink = s_sink.reshape(B, Hq, R, sink_end) * scale
+            s_sink = s_sink.masked_fill(~(row_ok & ((j[:sink_end].reshape(1, -1) <= pos) | (not causal))), float("-inf"))
             idx = win[m0:m1]  # [nm, W*bs]
-            kw = ks[:, :, idx.reshape(-1)].view(B, Hkv, nm, W * bs, D)
-            s_loc = torch.einsum("bkgmrd,bkmjd->bkgmrj", qc.view(B, Hkv, G, nm, bs, D), kw) * scale
-            loc_ok = win_ok[m0:m1].view(nm, 1, -1) & row_ok.view(nm, bs, 1)
+            kw = ks[:, :, idx.reshape(-1)].reshape(B, Hkv, nm, W * bs, D)
+            s_loc = torch.einsum("bkgmrd,bkmjd->bkgmrj", qc.reshape(B, Hkv, G, nm, bs, D), kw) * scale
+            loc_ok = win_ok[m0:m1].reshape(nm, 1, -1) & row_ok.reshape(nm, bs, 1)
             if causal:
-                loc_ok = loc_ok & (idx.view(nm, 1, -1) <= pos.view(nm, bs, 1))
-            s_loc = s_loc.reshape(B, Hq, nm, bs, W * bs).masked_fill(~loc_ok, float("-inf")).view(B, Hq, R, W * bs)
+                loc_ok = loc_ok & (idx.reshape(nm, 1, -1) <= pos.reshape(nm, bs, 1))
+            s_loc = s_loc.reshape(B, Hq, nm, bs, W * bs).masked_fill(~loc_ok, float("-inf")).reshape(B, Hq, R, W * bs)
             s_anchor = torch.cat([s_sink, s_loc], dim=-1)
             m_i = s_anchor.amax(-1, keepdim=True)  # [B, Hq, R, 1]
             l_i = torch.exp(s_anchor - m_i.nan_to_num(neginf=0.0)).sum(-1, keepdim=True)
@@ -156,18 +156,18 @@ class SALE(PrefillMethod):
             thr = m_i + log_tau + torch.log(l_i)
             thr = torch.where(torch.isfinite(m_i), thr, torch.full_like(thr, float("inf")))  # rows that see nothing
             qi = F.pad(q_int[:, :, m0 * bs:m1 * bs], (0, 0, 0, R - min(R, Lq - m0 * bs))).to(torch.float32)
-            dots = torch.matmul(qi.view(B, Hkv, G * R, D), k_int_t).view(B, Hkv, G, R, Lk).to(dt)
+            dots = torch.matmul(qi.reshape(B, Hkv, G * R, D), k_int_t).reshape(B, Hkv, G, R, Lk).to(dt)
             sqc = F.pad(sq[:, :, m0 * bs:m1 * bs], (0, 0, 0, R - min(R, Lq - m0 * bs)))
-            est = (dots * sk_t * sqc.view(B, Hkv, G, R, 1)).view(B, Hq, R, Lk) + qmk
+            est = (dots * sk_t * sqc.reshape(B, Hkv, G, R, 1)).reshape(B, Hq, R, Lk) + qmk
             del dots
             passed = (est * scale >= thr) & row_ok
             if causal:
-                passed = passed & (j.view(1, -1) <= pos)
+                passed = passed & (j.reshape(1, -1) <= pos)
             del est
-            passed = F.pad(passed, (0, nK * bs - Lk)).view(B, Hq, nm, bs, nK, bs).any(5).any(3)
+            passed = F.pad(passed, (0, nK * bs - Lk)).reshape(B, Hq, nm, bs, nK, bs).any(5).any(3)
             keep.append(passed)
-        dense_head = (tau < 1e-5).view(1, Hq, 1, 1)  # official: such a head is not sparsified
+        dense_head = (tau < 1e-5).reshape(1, Hq, 1, 1)  # official: such a head is not sparsified
         keep = (torch.cat(keep, dim=2) | anchor | dense_head) & visible
         if self.gqa_policy == "group_union":
-            keep = keep.view(B, Hkv, G, nQ, nK).any(2)
+            keep = keep.reshape(B, Hkv, G, nQ, nK).any(2)
         return BlockPlan.from_block_mask(keep, **geo, causal=causal)
