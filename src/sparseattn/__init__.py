@@ -8,6 +8,8 @@ Layers: ``plan`` (BlockPlan, the contract) <- ``kernels`` (reference + Triton, e
 """
 
 from .api import block_sparse_attention
+from .cache import PagedKVCache
+from .decode_api import DecodeSelection, sparse_decode_attention
 from .methods import LayerMethods, get_method, list_methods, sparse_attention
 from .plan import BlockPlan
 
@@ -25,5 +27,5 @@ def load_model(name_or_path, *, device=None, dtype=None):
     return _load(name_or_path, device=device, dtype=dtype)
 
 
-__all__ = ["BlockPlan", "LayerMethods", "block_sparse_attention", "get_method", "list_methods", "load_model",
-           "sparse_attention", "__version__"]
+__all__ = ["BlockPlan", "DecodeSelection", "LayerMethods", "PagedKVCache", "block_sparse_attention", "get_method",
+           "list_methods", "load_model", "sparse_attention", "sparse_decode_attention", "__version__"]
