@@ -16,6 +16,7 @@ COMMANDS = {
 }
 BENCH_COMMANDS = {
     "kernel": ("sparseattn.bench.kernel", "prefill kernel speed vs SDPA (cuDNN, FlashAttention) and FlexAttention"),
+    "methods": ("sparseattn.bench.methods", "every prefill method's estimation + kernel time vs SDPA cuDNN dense"),
 }
 
 
