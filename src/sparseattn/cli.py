@@ -16,6 +16,7 @@ COMMANDS = {
 }
 BENCH_COMMANDS = {
     "kernel": ("sparseattn.bench.kernel", "prefill kernel speed vs SDPA (cuDNN, FlashAttention) and FlexAttention"),
+    "fidelity": ("sparseattn.bench.fidelity", "every prefill method's density, mass recall and output error on real q/k/v"),
     "methods": ("sparseattn.bench.methods", "every prefill method's estimation + kernel time vs SDPA cuDNN dense"),
 }
 
