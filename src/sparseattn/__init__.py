@@ -27,5 +27,15 @@ def load_model(name_or_path, *, device=None, dtype=None):
     return _load(name_or_path, device=device, dtype=dtype)
 
 
+def patch(model, prefill="xattention", decode="dense", **overrides):
+    """Context manager running ``model``'s prefill attention through a sparse method.
+
+    See :func:`sparseattn.integrations.hf.patch`; imported lazily (it needs transformers).
+    """
+    from .integrations.hf import patch as _patch
+
+    return _patch(model, prefill=prefill, decode=decode, **overrides)
+
+
 __all__ = ["BlockPlan", "DecodeSelection", "LayerMethods", "PagedKVCache", "block_sparse_attention", "get_method",
-           "list_methods", "load_model", "sparse_attention", "sparse_decode_attention", "__version__"]
+           "list_methods", "load_model", "patch", "sparse_attention", "sparse_decode_attention", "__version__"]

