@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -19,9 +17,8 @@ import torch
 from .cache import PagedKVCache
 from .checks import FLOAT_DTYPES
 from .kernels.decode_reference import decode_attention_reference, selected_positions
-from .kernels.dispatch import BACKENDS, TRITON_HEAD_DIMS, triton_environment_reason
+from .kernels.dispatch import TRITON_HEAD_DIMS, resolve_backend, triton_environment_reason
 
-logger = logging.getLogger("sparseattn")
 
 
 def _check_int_tensor(name: str, t, dims: int) -> None:
@@ -267,29 +264,8 @@ def can_run_decode_triton(q: torch.Tensor, cache: PagedKVCache) -> Optional[str]
 
 def choose_decode_backend(requested: str, q: torch.Tensor, cache: PagedKVCache) -> str:
     """Resolve ``backend=`` ('auto', 'reference' or 'triton') for decode, like the prefill dispatch."""
-    if requested not in ("auto",) + BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
-    if requested == "reference":
-        return "reference"
-    env_reason = triton_environment_reason(q.device)
-    input_reason = None if env_reason else decode_triton_input_reason(q, cache)
-    if requested == "triton":
-        if env_reason:
-            raise RuntimeError(f"backend='triton' cannot run here: {env_reason}")
-        if input_reason:
-            raise NotImplementedError(f"backend='triton' does not support these inputs: {input_reason}; "
-                                      "backend='reference' does")
-        return "triton"
-    if q.device.type == "cuda":
-        if env_reason is None and input_reason is None:
-            return "triton"
-        _log_fallback(env_reason or input_reason)
-    return "reference"
+    return resolve_backend(requested, q, lambda: decode_triton_input_reason(q, cache))
 
-
-@functools.lru_cache(maxsize=None)
-def _log_fallback(reason: str) -> None:  # once per distinct reason, not once per layer and step
-    logger.warning("sparseattn: decode uses the reference backend on CUDA: %s", reason)
 
 
 # ----------------------------------------------------------------------------- validation

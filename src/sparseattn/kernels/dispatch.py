@@ -83,13 +83,19 @@ def can_run_triton(q: torch.Tensor, plan: Optional[BlockPlan]) -> Optional[str]:
 
 
 def choose_backend(requested: str, q: torch.Tensor, plan: Optional[BlockPlan]) -> str:
-    """Resolve ``backend=`` ('auto', 'reference' or 'triton') to a backend that can run."""
+    """Resolve ``backend=`` ('auto', 'reference' or 'triton') for the prefill kernel."""
+    return resolve_backend(requested, q, lambda: triton_input_reason(q, plan))
+
+
+def resolve_backend(requested: str, q: torch.Tensor, input_reason_fn) -> str:
+    """Resolve ``backend=`` for any kernel family; ``input_reason_fn()`` says why Triton can't take
+    these inputs (or None). Forced Triton raises with the reason; auto falls back with a log line."""
     if requested not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
     if requested == "reference":
         return "reference"
     env_reason = triton_environment_reason(q.device)
-    input_reason = None if env_reason else triton_input_reason(q, plan)
+    input_reason = None if env_reason else input_reason_fn()
     if requested == "triton":
         if env_reason:
             raise RuntimeError(f"backend='triton' cannot run here: {env_reason}")
