@@ -197,6 +197,8 @@ class PagedKVCache:
         self._host_pages = [0] * self.max_batch
         self._next_page = 1  # page 0 is the scratch page
         self.batch = 0
+        # Decode methods' state (selection caches, scores, keep-sets), see DecodeMethod.state.
+        self.method_state: dict = {}
 
     def reserve(self, tokens_per_sequence: int) -> None:
         """Preallocate pool and table room for ``tokens_per_sequence`` tokens in every slot (no growth later)."""

@@ -145,6 +145,20 @@ class DecodeSelection:
         counts, idx = _compact(mask.to(torch.bool), max_pages)
         return cls(counts, idx, page_size)
 
+    @classmethod
+    def from_token_mask(cls, mask: torch.Tensor, *, page_size: int, max_tokens: Optional[int] = None
+                        ) -> "DecodeSelection":
+        """Token-level only, from a bool ``[B, H, N]`` token mask (True = read the token). No host sync.
+
+        ``max_tokens`` caps the index width (default ``N``); it must hold the largest count
+        (a method's token budget plus its forced tokens).
+        """
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 3:
+            raise ValueError(f"mask must be a bool [B, H, N] tensor, got "
+                             f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        counts, idx = _compact(mask.to(torch.bool), max_tokens)
+        return cls(None, None, page_size, counts, idx)
+
     def with_tokens(self, tokens: torch.Tensor, counts: Optional[torch.Tensor] = None) -> "DecodeSelection":
         """The same selection plus ascending single tokens ``[B, H, maxT]`` (outside the selected pages)."""
         tokens = tokens.to(torch.int32)

@@ -16,7 +16,7 @@ LENGTHS = [1, 16, 37, 200, 333]
 
 
 def test_registry_and_defaults():
-    assert list_decode_methods() == ["dense", "streaming", "quest"]
+    assert list_decode_methods()[:3] == ["dense", "streaming", "quest"]
     quest = get_decode_method("quest")
     assert (quest.token_budget, quest.min_pages, quest.dense_layers, quest.gqa_policy) == (512, 3, (0, 1), "group_max")
     assert quest.page_budget(16) == 32 and get_decode_method("quest", token_budget=16).page_budget(16) == 3
@@ -25,7 +25,7 @@ def test_registry_and_defaults():
     with pytest.raises(ValueError, match="unknown option"):
         get_decode_method("quest", budget=3)
     with pytest.raises(ValueError, match="unknown decode method"):
-        get_decode_method("h2o")
+        get_decode_method("h2o_typo")
     for bad in (dict(token_budget=-1), dict(min_pages=0), dict(gqa_policy="mean"), dict(dense_layers=(-1,))):
         with pytest.raises(ValueError):
             get_decode_method("quest", **bad)

@@ -160,10 +160,10 @@ def test_padded_batch_falls_back_to_dense_and_unpadded_batch_is_sparse(smol, ids
 
 def test_bad_arguments_raise_naming_the_valid_choices(smol):
     model, _ = smol
-    with pytest.raises(ValueError, match=r"unknown method 'nope'.*xattention"):
+    with pytest.raises(ValueError, match=r"unknown prefill method 'nope'.*xattention"):
         with patch(model, prefill="nope"):
             pass
-    with pytest.raises(ValueError, match=r"layers\[3\].*unknown method 'nope'|unknown method 'nope'"):
+    with pytest.raises(ValueError, match=r"layers\[3\].*unknown prefill method 'nope'|unknown prefill method 'nope'"):
         with patch(model, prefill={"default": "xattention", "layers": {3: "nope"}}):
             pass
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['windw'\].*valid options.*window"):

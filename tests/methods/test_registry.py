@@ -13,9 +13,26 @@ def test_list_methods_by_kind():
     names = list_methods()
     assert names[:5] == ["dense", "streaming", "tri_shape", "block_topk", "xattention"]
     assert {"power", "moa", "duo", "flexprefill", "vertical_slash"} <= set(names)
-    assert list_methods("decode") == []
+    decode = list_methods("decode")
+    assert decode[:3] == ["dense", "streaming", "quest"]
     with pytest.raises(ValueError, match="kind must be one of"):
         list_methods("training")
+
+
+def test_prefill_and_decode_methods_share_names_but_not_kinds():
+    assert type(get_method("streaming")).kind == "prefill"
+    d = get_method("streaming", kind="decode", window=64)
+    assert type(d).kind == "decode" and d.window == 64 and hasattr(d, "select")
+    assert get_method(d, kind="decode", sink=2).sink == 2
+    with pytest.raises(ValueError, match="is a decode method: pass kind='decode'"):
+        get_method("quest")
+    with pytest.raises(ValueError, match="is a decode method, but kind='prefill'"):
+        get_method(d)
+    layers = LayerMethods({"default": "quest", "layers": {0: "dense"}}, kind="decode")
+    assert layers.for_layer(0).name == "dense" and type(layers.for_layer(0)).kind == "decode"
+    assert layers.for_layer(5).name == "quest"
+    with pytest.raises(ValueError, match="cannot serve"):
+        LayerMethods(layers)
 
 
 def test_unknown_method_lists_the_available_ones():
@@ -82,7 +99,7 @@ def test_layer_methods_spec():
 
 
 def test_layer_methods_reject_bad_specs_early():
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match="unknown prefill method"):
         LayerMethods({"default": "xattention", "layers": {0: "dens"}})
     with pytest.raises(ValueError, match="threshold"):
         LayerMethods({"default": ("xattention", {"threshold": 3.0})})

@@ -1,36 +1,34 @@
 """Decode-time selection methods: which pages/tokens each step reads from a PagedKVCache.
 
-``get_decode_method(name, **overrides)`` gives a method with the official defaults;
-``method.select(q, cache, layer)`` returns a :class:`~sparseattn.decode_api.DecodeSelection`
-(or ``None`` = dense) for :func:`~sparseattn.decode_api.sparse_decode_attention`.
+``sparseattn.get_method(name, kind="decode", **overrides)`` gives a method with the official
+defaults; ``method.select(q, cache, layer)`` returns a
+:class:`~sparseattn.decode_api.DecodeSelection` (or ``None`` = dense) for
+:func:`~sparseattn.decode_api.sparse_decode_attention`. ``sparseattn.list_methods("decode")``
+lists them. Each method file registers its class with ``@register`` (kind ``"decode"``).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Union
+from typing import List, Union
 
+from ..methods.registry import get_method, list_methods
 from .base import DecodeMethod, check_overrides
-from .dense import DenseDecode
-from .quest import Quest
-from .streaming import StreamingDecode
 
-DECODE_METHODS: Dict[str, type] = {cls.name: cls for cls in (DenseDecode, StreamingDecode, Quest)}
+# One import per method; the order is list_methods("decode")'s order.
+from .dense import DenseDecode  # noqa: E402
+from .streaming import StreamingDecode  # noqa: E402
+from .quest import Quest  # noqa: E402
 
 
 def list_decode_methods() -> List[str]:
-    return list(DECODE_METHODS)
+    """``sparseattn.list_methods("decode")``."""
+    return list_methods("decode")
 
 
 def get_decode_method(name: Union[str, DecodeMethod], **overrides) -> DecodeMethod:
-    """A decode method with the official defaults, changed by ``overrides`` (checked)."""
-    if isinstance(name, DecodeMethod):
-        return name.replace(**overrides) if overrides else name
-    if name not in DECODE_METHODS:
-        raise ValueError(f"unknown decode method {name!r}; available: {list(DECODE_METHODS)}")
-    cls = DECODE_METHODS[name]
-    check_overrides(cls, overrides)
-    return cls(**overrides)
+    """``sparseattn.get_method(name, kind="decode", **overrides)``."""
+    return get_method(name, kind="decode", **overrides)
 
 
-__all__ = ["DECODE_METHODS", "DecodeMethod", "DenseDecode", "Quest", "StreamingDecode", "get_decode_method",
-           "list_decode_methods"]
+__all__ = ["DecodeMethod", "DenseDecode", "Quest", "StreamingDecode", "get_decode_method", "list_decode_methods",
+           "check_overrides"]

@@ -3,6 +3,20 @@
 A decode method looks at the step's queries and the cache (pages, page metadata, lengths) and
 says which pages/tokens each (batch, KV head) reads; :func:`sparseattn.decode_api.sparse_decode_attention`
 executes it. ``None`` means dense. Everything runs on the cache's device without host syncs.
+
+Life cycle inside a model (what :func:`sparseattn.patch` and :func:`run_decode_step` do, per layer):
+
+1. prompt: ``cache.append(layer, k, v)``; the prefill attention runs; then
+   ``method.on_prefill(q_prompt, cache, layer)`` lets methods that score the prompt (SnapKV,
+   PyramidKV, H2O) build their state;
+2. each decode step: ``cache.append(layer, k_new, v_new)``;
+   ``sel = method.select(q_new, cache, layer)``; ``sparse_decode_attention(q_new, cache, layer, sel)``.
+
+State (selection caches, accumulated scores, keep-sets of eviction methods, step counters)
+lives on the cache's device in ``cache.method_state``, under :meth:`DecodeMethod.state`; it is
+dropped by ``cache.reset()``, so one method object can serve many caches. Layers are visited in
+ascending order within a step, so a layer may read what an earlier layer of the same step stored
+(TidalDecode, DELTA).
 """
 
 from __future__ import annotations
@@ -31,27 +45,52 @@ class DecodeMethod:
     """A decode-time selection method: hyperparameters as dataclass fields + ``select()``.
 
     ``dense_layers``: layers that always read everything (``select`` returns ``None``).
+    ``dense_below``: read everything while the layer's longest sequence holds fewer tokens than
+    this (short contexts gain nothing from selection; decided from the cache's host mirror of
+    the lengths, so no sync). ``0`` disables it.
+
     A subclass sets ``name``, adds fields with the official defaults (citing sources), extends
-    ``__post_init__`` and implements ``_select`` (inputs validated, ``B, Lq > 0``, layer not dense).
+    ``__post_init__`` and implements ``_select`` (inputs validated, ``B, Lq > 0``, layer not dense,
+    context long enough). Stateful methods keep their tensors in :meth:`state` and may override
+    :meth:`on_prefill` (prompt scoring) and :meth:`on_dense_step` (a step that ran dense).
     """
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "decode"
 
     dense_layers: Tuple[int, ...] = ()
+    dense_below: int = 0
 
     def __post_init__(self):
         self.dense_layers = check_layers("dense_layers", self.dense_layers)
+        check_int("dense_below", self.dense_below, minimum=0)
 
     def select(self, q: torch.Tensor, cache: PagedKVCache, layer: int) -> Optional[DecodeSelection]:
         """The selection for ``q [B, Hq, Lq, D]`` (the newest ``Lq`` tokens, already appended) at ``layer``."""
         B, Hq, Lq, D = check_decode_inputs(q, cache, layer, None, None)
-        if layer in self.dense_layers or B == 0 or Lq == 0:
+        if B == 0 or Lq == 0:
+            return None
+        if layer in self.dense_layers or cache.max_length(layer) < self.dense_below:
+            self.on_dense_step(q, cache, layer)
             return None
         return self._select(q, cache, layer)
 
     def _select(self, q: torch.Tensor, cache: PagedKVCache, layer: int) -> Optional[DecodeSelection]:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ hooks for stateful methods
+    def on_prefill(self, q: torch.Tensor, cache: PagedKVCache, layer: int) -> None:
+        """Called after a prompt chunk ``q [B, Hq, Lq, D]`` (``Lq > 1``) was appended to ``layer`` and
+        attended by the prefill path. Default: nothing (stateless methods)."""
+
+    def on_dense_step(self, q: torch.Tensor, cache: PagedKVCache, layer: int) -> None:
+        """Called for a step that reads everything (a dense layer, or below ``dense_below``).
+        Default: nothing."""
+
+    def state(self, cache: PagedKVCache, layer: Optional[int] = None) -> dict:
+        """This method's mutable state for ``cache`` (per ``layer``, or shared by all layers with
+        ``None``): a dict the method fills with device tensors and host counters."""
+        return cache.method_state.setdefault((id(self), layer), {})
 
     def config(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -60,6 +99,55 @@ class DecodeMethod:
         """A checked copy with some fields changed (unknown names raise ``ValueError``)."""
         check_overrides(type(self), overrides)
         return dataclasses.replace(self, **overrides)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def score_dtype(q: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs (exact tests), float32 otherwise."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def gather_keys(cache: PagedKVCache, layer: int) -> torch.Tensor:
+    """``[B, Hkv, maxP * page_size, D]``: every sequence's keys in logical order (a copy; slots past
+    a sequence's length hold garbage: mask them with :func:`token_valid`)."""
+    pool = cache.k_pages(layer)  # [cap, Hkv, P, D]
+    k = pool[cache.page_table.long()]  # [B, maxP, Hkv, P, D]
+    B, nP, H, P, D = k.shape
+    return k.permute(0, 2, 1, 3, 4).reshape(B, H, nP * P, D)
+
+
+def token_valid(cache: PagedKVCache, layer: int, n: int) -> torch.Tensor:
+    """bool ``[B, 1, n]``: position ``j`` holds a token of sequence ``b`` (``j < len_b``)."""
+    lengths = cache.layer_lengths(layer).long()
+    return (torch.arange(n, device=lengths.device).view(1, 1, -1) < lengths.view(-1, 1, 1))
+
+
+def exact_logits(q: torch.Tensor, cache: PagedKVCache, layer: int, scale: Optional[float] = None) -> torch.Tensor:
+    """Exact scaled logits ``[B, Hkv, G, Lq, N]`` of the step's queries over every cached token
+    (``N = max_pages * page_size``), ``-inf`` past each sequence's length and in the future of a
+    query (bottom-right causal among the ``Lq`` new tokens), in float32 (float64 for float64).
+
+    The scoring step of methods that look at full attention (TidalDecode's selection layers,
+    Recycled Attention's full steps, DELTA's Δ layers, TokenSelect, H2O, TOVA): it reads every key,
+    so it costs what a dense decode step costs.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv = cache.num_kv_heads
+    G = Hq // Hkv
+    dt = score_dtype(q)
+    k = gather_keys(cache, layer).to(dt)  # [B, Hkv, N, D]
+    N = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    s = torch.matmul(q.to(dt).reshape(B, Hkv, G * Lq, D), k.transpose(-1, -2)).view(B, Hkv, G, Lq, N) * scale
+    lengths = cache.layer_lengths(layer).long().view(B, 1, 1, 1, 1)
+    pos = torch.arange(N, device=q.device).view(1, 1, 1, 1, N)
+    qpos = lengths - Lq + torch.arange(Lq, device=q.device).view(1, 1, 1, Lq, 1)  # each query's position
+    return s.masked_fill(pos > qpos, float("-inf"))
+
+
+def exact_probs(q: torch.Tensor, cache: PagedKVCache, layer: int, scale: Optional[float] = None) -> torch.Tensor:
+    """Softmax of :func:`exact_logits`: ``[B, Hkv, G, Lq, N]``, 0 where masked."""
+    return torch.softmax(exact_logits(q, cache, layer, scale), dim=-1).nan_to_num(0.0)
 
 
 def check_overrides(cls, overrides: dict) -> None:

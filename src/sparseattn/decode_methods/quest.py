@@ -9,11 +9,13 @@ import torch
 
 from ..decode_api import DecodeSelection
 from ..methods.base import check_choice, check_int, rank_mask
+from ..methods.registry import register
 from .base import DecodeMethod
 
 GQA_POLICIES = ("group_max", "group_sum", "per_q_head")
 
 
+@register
 @dataclass(kw_only=True)
 class Quest(DecodeMethod):
     """Quest (Tang et al., ICML 2024, arXiv 2406.10774; code mit-han-lab/Quest).

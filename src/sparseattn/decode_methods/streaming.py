@@ -9,11 +9,13 @@ import torch
 
 from ..decode_api import DecodeSelection
 from ..methods.base import check_int
+from ..methods.registry import register
 from .base import DecodeMethod
 
 _BIG = torch.iinfo(torch.int32).max
 
 
+@register
 @dataclass(kw_only=True)
 class StreamingDecode(DecodeMethod):
     """Keep tokens ``[0, sink)`` and the ``window`` most recent ones; one list shared by all heads.
