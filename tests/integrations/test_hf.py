@@ -52,6 +52,7 @@ def dense_logits(smol, ids):
 def _assert_restored(model):
     assert model.config._attn_implementation == "sdpa"
     assert registered_names() == set()
+    assert "_prepare_cache_for_generation" not in vars(model)  # generate's own cache set-up is back
 
 
 def test_dense_prefill_equals_unpatched(smol, ids, dense_logits):
@@ -80,8 +81,62 @@ def test_dense_generate_is_token_for_token_identical(smol, ids):
     _assert_restored(model)
     assert plain.shape == (1, L + 20)
     assert torch.equal(plain, patched)
-    # one prefill per layer through the plan engine, 19 dense decode steps per layer
+    # one prefill per layer through the plan engine, 19 decode steps per layer through the paged cache
     assert len(ctx.stats.calls) == 30 and ctx.stats.decode_calls == 19 * 30
+    assert ctx.stats.decode_density() == 1.0
+    with torch.no_grad():  # decode=None: the model's own cache and attention for decode steps
+        with patch(model, prefill="dense", decode=None) as ctx:
+            own = model.generate(ids, **kwargs)
+    assert torch.equal(own, plain) and ctx.stats.decode_calls == 19 * 30 and ctx.stats.decode_density() is None
+
+
+def test_dense_sampling_matches_the_unpatched_model(smol, ids):
+    model, _ = smol
+    kwargs = dict(max_new_tokens=10, do_sample=True, top_k=50, temperature=1.0, pad_token_id=2,
+                  attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        torch.manual_seed(7)
+        plain = model.generate(ids, **kwargs)
+        with patch(model, prefill="dense", decode="dense"):
+            torch.manual_seed(7)
+            patched = model.generate(ids, **kwargs)
+    assert torch.equal(plain, patched)
+    _assert_restored(model)
+
+
+def test_sparse_decode_reads_less_and_stays_close(smol, ids):
+    model, _ = smol
+    kwargs = dict(max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=2)
+    with torch.no_grad():
+        plain = model.generate(ids, **kwargs)
+        with patch(model, prefill="dense", decode=("streaming", {"sink": 4, "window": 32})) as ctx:
+            streamed = model.generate(ids, **kwargs)
+        # The first decode step of a manual loop over the paged cache vs the dense model: a budget
+        # covering the context (256 > L + 1) is dense; 128 reads about 60 % of it and stays close.
+        steps = {}
+        for budget in (128, 256):
+            with patch(model, prefill="dense", decode={"default": ("quest", {"token_budget": budget}),
+                                                       "layers": {0: "dense"}}) as ctx_q:
+                cache = ctx_q.new_cache()
+                first = model(ids, past_key_values=cache, use_cache=True)
+                nxt = first.logits[:, -1:].argmax(-1)
+                steps[budget] = (model(nxt, past_key_values=cache, use_cache=True).logits, ctx_q.stats)
+                assert cache.paged.host_lengths(5) == [L + 1]
+        dense_step = model(torch.cat([ids, nxt], 1)).logits[:, -1:]
+    _assert_restored(model)
+    assert streamed.shape == plain.shape and torch.equal(streamed[:, :L], plain[:, :L])
+    share = 36 / (L + 4)  # sink + window of about L + 4 cached tokens per step
+    assert ctx.stats.decode_density() == pytest.approx(share, rel=0.1)
+    full, full_stats = steps[256]
+    torch.testing.assert_close(full, dense_step, rtol=1e-4, atol=2e-4)
+    assert full_stats.decode_density() == 1.0
+    half, half_stats = steps[128]
+    assert 0.5 < half_stats.decode_density() < 0.75  # 8 of 13 pages in 27 of 30 layers (0-1 dense)
+    rel = float((half - dense_step).norm() / dense_step.norm())
+    assert 1e-4 < rel < 0.15, rel  # observed 0.086
+    assert half.argmax(-1).item() == dense_step.argmax(-1).item()
+    with pytest.raises(RuntimeError, match="has ended"):
+        model(nxt, past_key_values=cache, use_cache=True)  # the paged cache outside its block
 
 
 def test_sparse_method_changes_logits_but_stays_close(smol, ids, dense_logits):
@@ -136,25 +191,60 @@ def test_chunked_prefill_is_bottom_right_aligned(smol, ids, dense_logits):
     torch.testing.assert_close(second, dense_logits[:, cut:], rtol=1e-4, atol=2e-4)
 
 
-def test_padded_batch_falls_back_to_dense_and_unpadded_batch_is_sparse(smol, ids):
+def test_left_padded_batch_is_sparse_per_sequence(smol, ids):
     model, _ = smol
     pad = 10
-    batch = torch.cat([ids, torch.cat([torch.full((1, pad), 2), ids[:, :L - pad]], 1)])
+    short = ids[:, :L - pad]
+    batch = torch.cat([ids, torch.cat([torch.full((1, pad), 2), short], 1)])
     mask = torch.ones_like(batch)
     mask[1, :pad] = 0
     with torch.no_grad():
-        plain = model(batch, attention_mask=mask, logits_to_keep=1).logits
         with patch(model, prefill="streaming", **SPARSE) as ctx:
-            padded = model(batch, attention_mask=mask, logits_to_keep=1).logits
-        assert torch.equal(padded, plain)  # the dense fallback is the model's own SDPA call
-        assert ctx.stats.mean_density() == 1.0
+            padded = model(batch, attention_mask=mask).logits
+            alone = [model(ids).logits, model(short).logits]
+        assert not ctx.stats.fallbacks
+        assert {(c.q_len, c.k_len) for c in ctx.stats.calls} == {(L, L), (L - pad, L - pad)}
+        # Each row equals its sequence run alone (pad positions aside): one plan per sequence.
+        torch.testing.assert_close(padded[0], alone[0][0], rtol=1e-4, atol=2e-4)
+        torch.testing.assert_close(padded[1, pad:], alone[1][0], rtol=1e-4, atol=2e-4)
+        # A mask that is not causal-with-left-padding (a hole) still falls back, or raises.
+        holed = torch.ones_like(batch)
+        holed[1, 50] = 0
+        with patch(model, prefill="streaming", **SPARSE) as ctx:
+            model(batch, attention_mask=holed, logits_to_keep=1)
         assert sum(ctx.stats.fallbacks.values()) == 30 and "padded batch" in next(iter(ctx.stats.fallbacks))
         with pytest.raises(NotImplementedError, match="per-sequence lengths"):
             with patch(model, prefill="streaming", on_mask="raise", **SPARSE):
-                model(batch, attention_mask=mask, logits_to_keep=1)
-        with patch(model, prefill="streaming", **SPARSE) as ctx:
-            model(ids.repeat(2, 1), attention_mask=torch.ones(2, L, dtype=torch.long), logits_to_keep=1)
-        assert not ctx.stats.fallbacks and ctx.stats.mean_density() < 0.8
+                model(batch, attention_mask=holed, logits_to_keep=1)
+    _assert_restored(model)
+
+
+def test_left_padded_generate(smol, ids):
+    model, _ = smol
+    pad = 30
+    short = ids[:, pad:]
+    batch = torch.cat([ids, torch.cat([torch.full((1, pad), 2), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=2)
+    with torch.no_grad():
+        plain = model.generate(batch, attention_mask=mask, **kwargs)
+        with patch(model, prefill="dense", decode="dense"):
+            patched = model.generate(batch, attention_mask=mask, **kwargs)
+        assert torch.equal(patched, plain)  # padding dropped from the pages, nothing else changes
+        with patch(model, prefill="streaming", decode=("quest", {"token_budget": 64}), **SPARSE) as ctx:
+            sparse = model.generate(batch, attention_mask=mask, **kwargs)
+            alone = model.generate(short, attention_mask=torch.ones_like(short), **kwargs)
+        assert torch.equal(sparse[1, pad:], alone[0])  # row 1 decodes exactly as its sequence alone
+        assert ctx.stats.decode_density() < 0.8
+
+        class ScoresThePrompt(type(get_method("dense", kind="decode"))):
+            def on_prefill(self, q, cache, layer):
+                pass
+
+        with pytest.raises(NotImplementedError, match="does not support a left-padded batch"):
+            with patch(model, prefill="dense", decode=ScoresThePrompt()):
+                model.generate(batch, attention_mask=mask, **kwargs)
     _assert_restored(model)
 
 
@@ -172,9 +262,15 @@ def test_bad_arguments_raise_naming_the_valid_choices(smol):
     with pytest.raises(ValueError, match="has 30 layers"):
         with patch(model, prefill={"default": "dense", "layers": {30: "dense"}}):
             pass
-    with pytest.raises(NotImplementedError, match=r"decode='quest'.*\['dense'\]"):
-        with patch(model, prefill="dense", decode="quest"):
+    with pytest.raises(ValueError, match=r"unknown decode method 'nope'.*quest"):
+        with patch(model, prefill="dense", decode="nope"):
             pass
+    with pytest.raises(ValueError, match="page_size must be a positive int"):
+        with patch(model, page_size=0):
+            pass
+    with pytest.raises(NotImplementedError, match="beam search"):
+        with patch(model, prefill="dense", decode="dense"), torch.no_grad():
+            model.generate(torch.ones(1, 8, dtype=torch.long), num_beams=2, max_new_tokens=2, pad_token_id=2)
     with pytest.raises(ValueError, match="on_mask must be one of"):
         with patch(model, on_mask="ignore"):
             pass

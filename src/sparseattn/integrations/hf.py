@@ -15,23 +15,33 @@ Inside the block every attention call of the model goes through :class:`SparsePa
   :func:`sparseattn.block_sparse_attention` executes it with ``causal=True`` (bottom-right) and
   the module's ``scaling``. The output is returned as ``[B, Lq, Hq, D]``, the layout
   transformers expects from an attention function (as its ``sdpa_attention_forward`` does).
-* **decode** (``q_len == 1``): dense, the model's own attention function with the model's mask.
-  Only ``decode="dense"`` exists for now; any other value raises ``NotImplementedError`` at
-  ``patch()`` time.
+* **decode** (``q_len <= decode_max_q`` once the prompt is cached): with a decode method (any of
+  ``sparseattn.list_methods("decode")``, ``"dense"`` included) ``model.generate`` gets a
+  :class:`~sparseattn.integrations.hf_cache.PagedCache` (unless the caller passes a cache): the
+  K/V go into a :class:`~sparseattn.cache.PagedKVCache`, the decode method selects pages/tokens
+  per step and :func:`sparseattn.sparse_decode_attention` reads them. For a manual loop pass
+  ``past_key_values=ctx.new_cache()``. ``decode=None`` leaves decoding to the model's own
+  attention and cache.
 
-**Masks and padding.** The plan engine has no per-sequence lengths, so a sparse plan is used
-only when the mask the model built is the plain causal mask (``None``, or equal to the
-bottom-right causal pattern for every sequence of the batch). Anything else - left/right
-padding in a batch, a static cache with unfilled slots, a sliding window, a bias in a float
-mask, a non-causal layer, a logit softcap - falls back to the model's dense attention for that call with one logged warning per
-reason, and the call is counted in ``stats.fallbacks`` (its density recorded as 1.0). Pass
+**Masks and padding.** A sparse plan is used when the mask the model built is the plain causal
+mask (``None``, or the bottom-right causal pattern for every sequence), or a *left-padded* causal
+mask: then each sequence's real tokens are planned and attended on their own (one plan per
+sequence; pad query rows give 0, which the model never reads). Anything else - right padding,
+a static cache with unfilled slots, a sliding window, a bias in a float mask, a non-causal layer,
+a logit softcap - falls back to the model's dense attention for that call with one logged
+warning per reason, counted in ``stats.fallbacks`` (its density recorded as 1.0). Pass
 ``on_mask="raise"`` to get a ``NotImplementedError`` instead. A ``None`` mask with
 ``k_len > q_len`` is SDPA's "empty static cache" case (top-left alignment, keys past ``q_len``
-are unfilled slots); it is handled as SDPA handles it, by dropping those slots.
+are unfilled slots); it is handled as SDPA handles it, by dropping those slots. With a
+``PagedCache`` the pages store only real tokens (left padding is dropped), so decode steps of a
+padded batch read exactly each sequence's own tokens; decode methods that score the prompt
+(``on_prefill``: H2O, SnapKV, PyramidKV, ...) refuse padded prompts with ``NotImplementedError``.
 
 **Statistics.** ``ctx.stats`` (:class:`PatchStats`) records every prefill call: layer, method,
 ``q_len``, ``k_len`` and the plan's achieved density (share of the causal area computed);
 ``stats.per_layer()`` and ``stats.mean_density()`` summarise them, ``stats.reset()`` clears.
+Decode steps are counted in ``stats.decode_calls``; with ``record_density`` the share of cached
+tokens each step read is averaged in ``stats.decode_density()`` (a host sync per step).
 """
 
 from __future__ import annotations
@@ -45,6 +55,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
 import torch
 
 from ..api import block_sparse_attention
+from ..decode_api import sparse_decode_attention
+from ..decode_methods.base import DecodeMethod
 from ..methods import LayerMethods, get_method, list_methods
 from ..methods.base import PrefillMethod
 from ..plan import BlockPlan
@@ -52,7 +64,6 @@ from .interface import base_attention, temporary_attention
 
 logger = logging.getLogger(__name__)
 
-DECODE_METHODS = ("dense",)
 MASK_POLICIES = ("dense", "raise")
 
 
@@ -89,12 +100,18 @@ class PatchStats:
     calls: List[LayerCall] = field(default_factory=list)
     decode_calls: int = 0
     fallbacks: Dict[str, int] = field(default_factory=dict)
+    decode_reads: List[float] = field(default_factory=list)  # per decode call: share of cached tokens read
 
     def reset(self) -> None:
         """Forget everything recorded so far (e.g. between evaluation samples)."""
         self.calls.clear()
         self.decode_calls = 0
         self.fallbacks.clear()
+        self.decode_reads.clear()
+
+    def decode_density(self) -> Optional[float]:
+        """Mean share of the cached tokens a sparse decode step read (``None`` when none was recorded)."""
+        return sum(self.decode_reads) / len(self.decode_reads) if self.decode_reads else None
 
     def per_layer(self) -> Dict[int, float]:
         """``{layer: density}``, averaged over that layer's prefill calls weighted by causal area."""
@@ -120,7 +137,7 @@ class PatchStats:
         """JSON-friendly digest: mean density, per-layer densities, call counts, fallbacks."""
         return {"mean_density": self.mean_density(), "per_layer": self.per_layer(),
                 "prefill_calls": len(self.calls), "decode_calls": self.decode_calls,
-                "fallbacks": dict(self.fallbacks)}
+                "decode_density": self.decode_density(), "fallbacks": dict(self.fallbacks)}
 
 
 def _resolve_prefill(prefill, overrides: Mapping[str, Any], n_layers: Optional[int]) -> LayerMethods:
@@ -148,14 +165,20 @@ def _resolve_prefill(prefill, overrides: Mapping[str, Any], n_layers: Optional[i
     return layers
 
 
-def _check_decode(decode) -> str:
-    if decode in DECODE_METHODS:
-        return decode
-    registered = list_methods("decode")
-    raise NotImplementedError(
-        f"decode={decode!r} is not supported by patch() yet: decode steps (q_len == 1) run dense attention "
-        f"only, decode must be one of {list(DECODE_METHODS)} (registered decode methods: {registered or 'none'}; "
-        "sparse decoding with a paged KV cache is a separate integration)")
+def _resolve_decode(decode, n_layers: Optional[int]) -> Optional[LayerMethods]:
+    """``None`` (the model's own decoding) or the per-layer decode methods."""
+    if decode is None:
+        return None
+    if isinstance(decode, (str, LayerMethods, Mapping, tuple, DecodeMethod)):
+        layers = LayerMethods(decode, kind="decode")
+    else:
+        raise ValueError(f"decode must be None, a decode method name (one of {list_methods('decode')}), a decode "
+                         f"method object, (name, {{options}}) or a per-layer dict, got {type(decode).__name__}")
+    if n_layers is not None:
+        bad = sorted(i for i in layers.layers if i >= n_layers)
+        if bad:
+            raise ValueError(f"per-layer decode spec names layers {bad} but the model has {n_layers} layers")
+    return layers
 
 
 class SparsePatch:
@@ -165,11 +188,15 @@ class SparsePatch:
     the ``with`` block of :func:`patch` is open.
     """
 
-    def __init__(self, model, layers: LayerMethods, *, decode: str, backend: str, on_mask: str,
-                 record_density: bool):
+    def __init__(self, model, layers: LayerMethods, *, decode: Optional[LayerMethods], backend: str, on_mask: str,
+                 record_density: bool, page_size: int = 16, decode_max_q: int = 16):
         self.model = model
         self.layers = layers
         self.decode = decode
+        self.page_size = page_size
+        self.decode_max_q = decode_max_q
+        self.active = False
+        self._pending: Optional[tuple] = None  # (cache, layer, k, v, first) handed over by PagedCache.update
         self.backend = backend
         self.on_mask = on_mask
         self.record_density = record_density
@@ -179,14 +206,37 @@ class SparsePatch:
         self._warned: set = set()
         self._plan_cache: Dict[tuple, tuple] = {}  # static plans: same for every layer of a forward
         self._mask_memo: Optional[tuple] = None  # (weakref(mask), q_len, k_len, reason)
+        self._pads_memo: Optional[tuple] = None  # (weakref(mask), q_len, k_len, pads)
         self._counter = 0
 
     def method_for(self, layer: int) -> PrefillMethod:
         """The prefill method of ``layer``."""
         return self.layers.for_layer(layer)
 
+    def decode_method_for(self, layer: int) -> DecodeMethod:
+        """The decode method of ``layer`` (``decode=None``: raises)."""
+        if self.decode is None:
+            raise ValueError("this patch was made with decode=None (the model's own decoding)")
+        return self.decode.for_layer(layer)
+
+    def new_cache(self):
+        """A :class:`~sparseattn.integrations.hf_cache.PagedCache` for this block (for manual loops:
+        ``model(ids, past_key_values=ctx.new_cache(), use_cache=True)``); ``generate`` gets one
+        automatically."""
+        from .hf_cache import PagedCache
+
+        if self.decode is None:
+            raise ValueError("patch(..., decode=None) decodes with the model's own cache; pass a decode method "
+                             "(e.g. decode='dense') to use a paged cache")
+        return PagedCache(self, self.n_layers, page_size=self.page_size)
+
     def __repr__(self) -> str:
         return f"SparsePatch(prefill={self.layers!r}, decode={self.decode!r}, backend={self.backend!r})"
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            logger.warning("sparseattn.patch: %s", message)
 
     # ------------------------------------------------------------------ mask analysis
     def _mask_reason(self, mask: Optional[torch.Tensor], q_len: int, k_len: int) -> Optional[str]:
@@ -219,15 +269,27 @@ class SparsePatch:
     # ------------------------------------------------------------------ the attention function
     def attention(self, module, query, key, value, attention_mask, *args, **kwargs):
         """transformers attention-function signature; returns ``(out [B, Lq, Hq, D], None)``."""
-        q_len, k_len = query.shape[2], key.shape[2]
-        if q_len <= 1:  # decode step: dense (the only decode mode for now)
-            self.stats.decode_calls += 1
-            return self._base_fn(module, query, key, value, attention_mask, *args, **kwargs)
         layer = getattr(module, "layer_idx", None)
         if layer is None:
             layer = self._counter % self.n_layers if self.n_layers else self._counter
         layer = int(layer)
         self._counter += 1
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[2] is key and pending[1] == layer:
+            return self._paged_attention(pending, module, query, attention_mask, layer, args, kwargs)
+        if query.shape[2] <= 1:  # decode step with the model's own cache: dense
+            self.stats.decode_calls += 1
+            return self._base_fn(module, query, key, value, attention_mask, *args, **kwargs)
+        return self._prefill(module, query, key, value, attention_mask, layer, args, kwargs)
+
+    @staticmethod
+    def _scale(module, args, kwargs):
+        scale = kwargs.get("scaling", args[1] if len(args) > 1 else None)
+        return getattr(module, "scaling", None) if scale is None else scale
+
+    def _prefill(self, module, query, key, value, attention_mask, layer: int, args, kwargs, *, pads=None):
+        """Sparse prefill of ``query`` over ``key, value`` (or the model's dense attention with a reason)."""
+        q_len, k_len = query.shape[2], key.shape[2]
         dropout = kwargs.get("dropout", args[0] if args else 0.0)
         reason = None
         if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
@@ -238,24 +300,99 @@ class SparsePatch:
             reason = "a position bias"
         elif module.training and dropout:
             reason = "attention dropout in training mode"
+        elif pads is not None:
+            pass  # the caller found left padding already
         elif attention_mask is None and k_len > q_len:
             # SDPA's empty-static-cache prefill: top-left causal over the first q_len slots.
             key, value = key[:, :, :q_len], value[:, :, :q_len]
             k_len = q_len
         else:
             reason = self._mask_reason(attention_mask, q_len, k_len)
+            if reason is not None:
+                pads = self._left_pads(attention_mask, q_len, k_len)
+                if pads is not None:
+                    reason = None
         if reason is not None:
             self._fallback(reason, layer, q_len, k_len)
             return self._base_fn(module, query, key, value, attention_mask, *args, **kwargs)
 
         method = self.method_for(layer)
-        plan, density = self._plan(method, query, key, value, layer)
-        scale = kwargs.get("scaling", args[1] if len(args) > 1 else None)
-        if scale is None:
-            scale = getattr(module, "scaling", None)
-        out = block_sparse_attention(query, key, value, plan, causal=True, scale=scale, backend=self.backend)
-        self.stats.calls.append(LayerCall(layer, method.name, q_len, k_len, density))
+        scale = self._scale(module, args, kwargs)
+        if pads is None:
+            plan, density = self._plan(method, query, key, value, layer)
+            out = block_sparse_attention(query, key, value, plan, causal=True, scale=scale, backend=self.backend)
+            self.stats.calls.append(LayerCall(layer, method.name, q_len, k_len, density))
+            return out.transpose(1, 2).contiguous(), None
+        # Left padding: each sequence's real tokens on their own (one plan per sequence).
+        out = torch.zeros_like(query)
+        for b, pad in enumerate(pads):
+            q_pad = max(0, pad - (k_len - q_len))  # query rows sitting on padding positions
+            if q_pad >= q_len:
+                continue
+            qb, kb, vb = query[b:b + 1, :, q_pad:], key[b:b + 1, :, pad:], value[b:b + 1, :, pad:]
+            plan, density = self._plan(method, qb, kb, vb, layer)
+            out[b:b + 1, :, q_pad:] = block_sparse_attention(qb, kb, vb, plan, causal=True, scale=scale,
+                                                             backend=self.backend)
+            self.stats.calls.append(LayerCall(layer, method.name, q_len - q_pad, k_len - pad, density))
         return out.transpose(1, 2).contiguous(), None
+
+    def _left_pads(self, mask: torch.Tensor, q_len: int, k_len: int) -> Optional[List[int]]:
+        """Per sequence, the number of left-padding keys when ``mask`` is a left-padded causal mask
+        (one host read), else ``None``."""
+        memo = self._pads_memo
+        if memo is not None and memo[0]() is mask and memo[1:3] == (q_len, k_len):
+            return memo[3]
+        pads = _left_padding(mask, q_len, k_len)
+        self._pads_memo = (weakref.ref(mask), q_len, k_len, pads)
+        return pads
+
+    def _paged_attention(self, pending, module, query, attention_mask, layer: int, args, kwargs):
+        """Attention of a layer whose cache is a :class:`PagedCache` (see the module docstring)."""
+        cache, _, key, value, first = pending
+        paged = cache.paged
+        q_len, t_len = query.shape[2], key.shape[2]
+        method = self.decode_method_for(layer)
+        if first:  # the prompt
+            pads = None
+            if attention_mask is not None and self._mask_reason(attention_mask, q_len, t_len) is not None:
+                pads = self._left_pads(attention_mask, q_len, t_len)
+                if pads is None:
+                    raise NotImplementedError(
+                        f"sparseattn's PagedCache needs a causal or left-padded prompt mask; layer {layer} got "
+                        f"{self._mask_reason(attention_mask, q_len, t_len)}")
+            if pads is None or not any(pads):
+                paged.append(layer, key, value)
+                out = self._prefill(module, query, key, value, attention_mask, layer, args, kwargs)
+                method.on_prefill(query, paged, layer)
+                return out
+            if type(method).on_prefill is not DecodeMethod.on_prefill:
+                raise NotImplementedError(
+                    f"decode method {method.name!r} scores the prompt (on_prefill) and does not support a left-padded "
+                    "batch yet; run the sequences one at a time, or pick a method that only selects per step")
+            cache.padded = True
+            shift = torch.tensor(pads, device=key.device).view(-1, 1, 1, 1)
+            idx = (torch.arange(t_len, device=key.device).view(1, 1, -1, 1) + shift) % t_len  # real tokens first
+            idx = idx.expand(key.shape)
+            paged.append(layer, torch.gather(key, 2, idx), torch.gather(value, 2, idx),
+                         seq_lens=[t_len - p for p in pads])
+            return self._prefill(module, query, key, value, attention_mask, layer, args, kwargs, pads=pads)
+        paged.append(layer, key, value)
+        if q_len <= self.decode_max_q:  # a decode step (or a few speculative queries)
+            sel = method.select(query, paged, layer)
+            out = sparse_decode_attention(query, paged, layer, sel, scale=self._scale(module, args, kwargs),
+                                          backend=self.backend)
+            self.stats.decode_calls += 1
+            if self.record_density:
+                self.stats.decode_reads.append(_read_share(sel, paged, layer))
+            return out.transpose(1, 2).contiguous(), None
+        # A longer chunk after the prompt (chunked prefill, a second turn): prefill over the whole context.
+        if getattr(cache, "padded", False):
+            raise NotImplementedError("a second multi-token chunk on a left-padded batch is not supported by "
+                                      "sparseattn's PagedCache; generate the batch in one call")
+        k_all, v_all = paged.gather(layer)
+        out = self._prefill(module, query, k_all, v_all, None, layer, args, kwargs, pads=None)
+        method.on_prefill(query, paged, layer)
+        return out
 
     def _plan(self, method: PrefillMethod, q, k, v, layer: int):
         if method.static:  # value-independent: build (and measure) once per shape
@@ -275,6 +412,32 @@ class SparsePatch:
         return float(plan.density()) if self.record_density else float("nan")
 
 
+def _left_padding(mask: torch.Tensor, q_len: int, k_len: int) -> Optional[List[int]]:
+    """Pads per sequence when ``mask`` [B, 1, q_len, k_len] is causal with a left-padding prefix, else None."""
+    if mask.dim() != 4 or mask.shape[-2:] != (q_len, k_len) or mask.shape[1] != 1:
+        return None
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask > torch.finfo(mask.dtype).min / 2)).any()):
+        return None  # a bias, not just a mask
+    allowed = mask[:, 0] if mask.dtype == torch.bool else (mask[:, 0] == 0)
+    pads = (k_len - allowed[:, -1].sum(-1)).view(-1, 1, 1)  # the last query sees every real key
+    qpos = torch.arange(q_len, device=mask.device).view(1, -1, 1) + (k_len - q_len)
+    kpos = torch.arange(k_len, device=mask.device).view(1, 1, -1)
+    want = (kpos <= qpos) & (kpos >= pads)
+    real_rows = qpos >= pads  # rows of padding queries may hold anything
+    if not bool(((allowed == want) | ~real_rows).all()):
+        return None
+    return [int(p) for p in pads.view(-1).tolist()]
+
+
+def _read_share(sel, paged, layer: int) -> float:
+    """Share of the cached tokens a selection reads (1.0 for dense); a host sync."""
+    if sel is None:
+        return 1.0
+    lengths = paged.layer_lengths(layer)
+    picked = sel.token_mask(lengths, paged.max_length(layer)).sum()
+    return float(picked) / max(1, int(lengths.sum()) * sel.heads)
+
+
 def _mask_reason(mask: torch.Tensor, q_len: int, k_len: int) -> Optional[str]:
     if mask.dim() != 4 or mask.shape[-2:] != (q_len, k_len):
         return f"an attention mask of shape {tuple(mask.shape)} (expected [B, 1, {q_len}, {k_len}])"
@@ -290,17 +453,33 @@ def _mask_reason(mask: torch.Tensor, q_len: int, k_len: int) -> Optional[str]:
     return "an attention mask that is not the plain causal mask (padding, static-cache slots or a window)"
 
 
+def _generate_hook(model, ctx: SparsePatch):
+    """A scoped wrapper of ``model._prepare_cache_for_generation`` that hands ``generate`` a
+    :class:`PagedCache` when the caller gave no cache (restored by :func:`patch` on exit)."""
+    original = model._prepare_cache_for_generation
+
+    def prepare(generation_config, model_kwargs, *args, **kwargs):
+        wants_cache = getattr(generation_config, "use_cache", True) is not False
+        if (model_kwargs.get("past_key_values") is None and wants_cache
+                and getattr(generation_config, "cache_implementation", None) is None):
+            model_kwargs["past_key_values"] = ctx.new_cache()
+        return original(generation_config, model_kwargs, *args, **kwargs)
+
+    return prepare
+
+
 @contextlib.contextmanager
 def patch(model, prefill: Union[str, PrefillMethod, LayerMethods, Mapping, tuple] = "xattention",
-          decode: str = "dense", *, backend: str = "auto", on_mask: str = "dense", record_density: bool = True,
+          decode: Union[None, str, DecodeMethod, LayerMethods, Mapping, tuple] = "dense", *, backend: str = "auto",
+          on_mask: str = "dense", record_density: bool = True, page_size: int = 16, decode_max_q: int = 16,
           **overrides) -> Iterator[SparsePatch]:
-    """Context manager: ``model`` runs sparse prefill attention inside the block.
+    """Context manager: ``model`` runs sparse prefill and sparse decode attention inside the block.
 
     Example::
 
-        with sparseattn.patch(model, prefill="xattention", threshold=0.9) as ctx:
+        with sparseattn.patch(model, prefill="xattention", decode="quest", threshold=0.9) as ctx:
             out = model.generate(ids, max_new_tokens=20, do_sample=False)
-        print(ctx.stats.mean_density(), ctx.stats.per_layer())
+        print(ctx.stats.mean_density(), ctx.stats.decode_density())
 
     Args:
         model: a transformers model whose attention dispatches through ``AttentionInterface``
@@ -311,37 +490,64 @@ def patch(model, prefill: Union[str, PrefillMethod, LayerMethods, Mapping, tuple
             :class:`~sparseattn.LayerMethods` or its dict spec for a per-layer choice, e.g.
             ``{"default": "xattention", "layers": {0: "dense", 1: "dense"}}``. Resolved now: an
             unknown name raises ``ValueError`` listing the valid ones.
-        decode: the decode method for ``q_len == 1`` steps; only ``"dense"`` (the model's own
-            attention with its mask) is supported now, anything else raises
-            ``NotImplementedError``.
-        backend: kernel backend for :func:`sparseattn.block_sparse_attention` (``"auto"``,
-            ``"reference"``, ``"triton"``).
-        on_mask: what to do with a prefill call whose mask is not the plain causal mask (a padded
-            batch, ...): ``"dense"`` runs the model's dense attention for it (logged once per
+        decode: the decode method (``sparseattn.list_methods("decode")``), in the same forms
+            (``("quest", {"token_budget": 1024})``, ``{"default": "quest", "layers": {...}}``, a
+            decode method object). ``generate`` then runs on a paged cache (see the module
+            docstring); ``"dense"`` reads the whole paged cache. ``None``: the model's own cache
+            and dense attention for decode steps.
+        backend: kernel backend for prefill and decode (``"auto"``, ``"reference"``, ``"triton"``).
+        on_mask: what to do with a prefill call whose mask is neither causal nor left-padded
+            causal: ``"dense"`` runs the model's dense attention for it (logged once per
             reason, counted in ``stats.fallbacks``); ``"raise"`` raises ``NotImplementedError``.
-        record_density: measure each plan's density for ``stats`` (a small cost per call).
+        record_density: measure each plan's density and each decode step's read share for
+            ``stats`` (a small cost per call, a host sync per decode step).
+        page_size: tokens per page of the paged caches this block makes.
+        decode_max_q: calls with at most this many queries after the prompt are decode steps
+            (speculative verification reads through the decode kernel); longer ones are prefill.
         overrides: hyperparameters of a single prefill method, passed to
             :func:`sparseattn.get_method` (e.g. ``threshold=0.9``).
 
     Yields:
-        a :class:`SparsePatch`; ``ctx.stats`` holds the per-layer achieved density.
+        a :class:`SparsePatch`; ``ctx.stats`` holds the per-layer achieved density;
+        ``ctx.new_cache()`` makes a paged cache for a manual decoding loop.
 
-    On exit (also when the block raises) the model's attention implementation is restored and
-    the temporary registry entries are removed; nothing is patched at import time.
+    On exit (also when the block raises) the model's attention implementation and its
+    ``generate`` cache set-up are restored and the temporary registry entries are removed;
+    nothing is patched at import time. Beam search and ``num_return_sequences > 1`` are not
+    supported with a decode method (the paged cache refuses to reorder); greedy and sampling are.
     """
-    decode = _check_decode(decode)
     if on_mask not in MASK_POLICIES:
         raise ValueError(f"on_mask must be one of {list(MASK_POLICIES)}, got {on_mask!r}")
     if backend not in ("auto", "reference", "triton"):
         raise ValueError(f"backend must be one of ['auto', 'reference', 'triton'], got {backend!r}")
+    for name, value in (("page_size", page_size), ("decode_max_q", decode_max_q)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not hasattr(model, "config"):
         raise ValueError(f"patch() needs a transformers model (with .config), got {type(model).__name__}")
-    layers = _resolve_prefill(prefill, overrides, getattr(model.config, "num_hidden_layers", None))
-    ctx = SparsePatch(model, layers, decode=decode, backend=backend, on_mask=on_mask,
-                      record_density=record_density)
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    layers = _resolve_prefill(prefill, overrides, n_layers)
+    decode_layers = _resolve_decode(decode, n_layers)
+    ctx = SparsePatch(model, layers, decode=decode_layers, backend=backend, on_mask=on_mask,
+                      record_density=record_density, page_size=page_size, decode_max_q=decode_max_q)
     base_name, ctx._base_fn = base_attention(model)
+    hooked = decode_layers is not None and hasattr(model, "_prepare_cache_for_generation")
+    had_own = "_prepare_cache_for_generation" in vars(model)
+    own = vars(model).get("_prepare_cache_for_generation")
     with temporary_attention(model, ctx.attention, prefix="sparseattn_patch", mask_of=base_name):
-        yield ctx
+        if hooked:
+            model._prepare_cache_for_generation = _generate_hook(model, ctx)
+        ctx.active = True
+        try:
+            yield ctx
+        finally:
+            ctx.active = False
+            ctx._pending = None
+            if hooked:
+                if had_own:
+                    model._prepare_cache_for_generation = own
+                else:
+                    del model._prepare_cache_for_generation
 
 
-__all__ = ["patch", "SparsePatch", "PatchStats", "LayerCall", "DECODE_METHODS"]
+__all__ = ["patch", "SparsePatch", "PatchStats", "LayerCall"]
