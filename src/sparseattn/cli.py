@@ -1,4 +1,4 @@
-"""Command line: ``sparseattn demo | bench kernel``.
+"""Command line: ``sparseattn demo | eval | bench kernel | fidelity | methods | decode``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
 modules are imported lazily so ``sparseattn --help`` stays fast and needs no optional deps.
@@ -19,6 +19,7 @@ BENCH_COMMANDS = {
     "kernel": ("sparseattn.bench.kernel", "prefill kernel speed vs SDPA (cuDNN, FlashAttention) and FlexAttention"),
     "fidelity": ("sparseattn.bench.fidelity", "every prefill method's density, mass recall and output error on real q/k/v"),
     "methods": ("sparseattn.bench.methods", "every prefill method's estimation + kernel time vs SDPA cuDNN dense"),
+    "decode": ("sparseattn.bench.decode", "decode-step time per decode method (selection + kernel) vs SDPA dense"),
 }
 
 
