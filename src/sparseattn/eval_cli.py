@@ -1,4 +1,4 @@
-"""``sparseattn eval``: task accuracy of sparse prefill methods on a real model.
+"""``sparseattn eval``: task accuracy of sparse prefill and decode methods on a real model.
 
 Example::
 
@@ -6,8 +6,10 @@ Example::
         --lengths 1k,2k,4k --samples 10 --out runs/eval --haystack /path/to/pg_essays
 
 Every (method, task, length, depth, sample) cell runs the model inside
-``sparseattn.patch(model, prefill=<method>, decode="dense")``: the prompt is prefilled with the
-method's sparse plans, the answer is decoded greedily with dense attention. Records are appended
+``sparseattn.patch(model, prefill=<method>, decode=None)``: the prompt is prefilled with the
+method's sparse plans, the answer is decoded greedily with the model's dense attention. Methods
+given with ``--decode-methods`` (labels ``decode:NAME``) run the other way round: dense prefill,
+then the decode method selects what each step reads from the paged cache. Records are appended
 to ``OUT/results.jsonl`` as they are made; cells already there are not recomputed, so the same
 command resumes an interrupted run (and adding a method, task or length only computes the new
 cells). ``OUT/report.md`` gets the accuracy table (with the achieved density) and the plots.
@@ -50,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list of prefill methods, each NAME or NAME[option=value,...], e.g. "
                              "'dense,streaming[sink=64,window=512],xattention[threshold=0.9]' (see "
                              f"sparseattn.list_methods(); default: {DEFAULT_METHODS})")
+    parser.add_argument("--decode-methods", type=_type(_parse_decode), default=None,
+                        help="comma list of decode methods (dense prefill), each NAME or NAME[option=value,...], "
+                             "e.g. 'quest[token_budget=1024],streaming[window=1020]' (see "
+                             "sparseattn.list_methods('decode'); default: none)")
     parser.add_argument("--tasks", type=_type(parse_tasks), default=DEFAULT_TASKS,
                         help=f"comma list of tasks, from {', '.join(list_tasks())} (default: {DEFAULT_TASKS})")
     parser.add_argument("--lengths", type=_type(parse_lengths), default=DEFAULT_LENGTHS,
@@ -86,15 +92,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no progress bar")
 
 
+def _parse_decode(text):
+    from .eval.runner import parse_methods
+
+    return parse_methods(text, kind="decode")
+
+
 def _command(argv_like) -> str:
     return shlex.join(["sparseattn", "eval", *argv_like])
 
 
 def _reconstruct(args) -> list:
-    parts = ["--model", str(args.model), "--methods", ",".join(m.label for m in args.methods),
+    parts = ["--model", str(args.model), "--methods", ",".join(m.label for m in args.methods if m.kind == "prefill"),
              "--tasks", ",".join(args.tasks), "--lengths", ",".join(str(n) for n in args.lengths),
              "--samples", str(args.samples), "--depths", ",".join(f"{d:g}" for d in args.depths),
              "--seed", str(args.seed), "--out", str(args.out)]
+    if args.decode_methods:
+        parts += ["--decode-methods", ",".join(m.label[len("decode:"):] for m in args.decode_methods)]
     if args.haystack:
         parts += ["--haystack", str(args.haystack)]
     if args.dense_layers:
@@ -116,6 +130,11 @@ def _normalise(args) -> None:
         value = getattr(args, name)
         if isinstance(value, str):
             setattr(args, name, parse(value))
+    if isinstance(getattr(args, "decode_methods", None), str):
+        args.decode_methods = _parse_decode(args.decode_methods)
+    if getattr(args, "decode_methods", None):
+        args.methods = list(args.methods) + [m for m in args.decode_methods
+                                             if m.label not in {x.label for x in args.methods}]
 
 
 def run(args) -> int:
@@ -177,7 +196,8 @@ def run(args) -> int:
         "device": _device_name(device),
         "haystack": args.haystack or f"generated (seed {args.seed})",
         "prompt format": args.prompt_format,
-        "decode": "dense (sparse prefill only)",
+        "decode": "prefill methods: the model's dense decoding; decode:NAME methods: dense prefill, sparse decode "
+                  "on the paged cache (density = share of cached tokens read per step)",
         "dense layers": args.dense_layers,
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "torch / transformers": f"{torch.__version__} / {transformers.__version__}",

@@ -46,6 +46,12 @@ def test_parsers_accept_the_documented_forms_and_name_valid_choices():
         parse_tasks("niah,ruler")
     with pytest.raises(ValueError, match=r"unknown method 'fast'; choose from \['dense', 'streaming'"):
         parse_methods("dense,fast")
+    decode = parse_methods("quest[token_budget=64],streaming", kind="decode")
+    assert [s.label for s in decode] == ["decode:quest[token_budget=64]", "decode:streaming"]
+    assert decode[0].prefill() == "dense" and decode[0].decode().token_budget == 64
+    assert decode[0].config()["kind"] == "decode" and specs[1].decode() is None
+    with pytest.raises(ValueError, match=r"unknown method 'xattention'; choose from \['dense', 'streaming', 'quest'"):
+        parse_methods("xattention", kind="decode")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['windw'\].*valid options"):
         parse_methods("streaming[windw=3]")
     with pytest.raises(ValueError, match="given twice"):
@@ -144,10 +150,20 @@ def test_run_eval_resumes_and_writes_the_report(smol, tmp_path):
         assert (out / png).stat().st_size > 1000
         assert f"]({png})" in text
 
+    # a decode method: dense prefill, sparse decoding on the paged cache, its read share as density
+    st3 = EvalSettings(methods=parse_methods("streaming[sink=4,window=60]", kind="decode"), tasks=["passkey"],
+                       lengths=[256], depths=[0.5], samples=1, haystack=PG)
+    dec = run_eval(model, tok, st3, out, progress=False)
+    rec = next(r for r in dec.records if r["method"] == "decode:streaming[sink=4,window=60]")
+    assert rec["kind"] == "decode" and rec["density_of"] == "decode"
+    assert 64 / (rec["n_tokens"] + 16) < rec["density"] < 64 / rec["n_tokens"] + 0.01  # 64 tokens of ~n read
+    assert all(d == 1.0 for d in rec["layer_density"])  # the prefill was dense
+    assert len(ResultsStore(out).load()) == 7
+
     # the CLI: one new cell through `sparseattn eval`, then --report-only
     assert main(["eval", "--methods", "dense", "--tasks", "passkey", "--lengths", "256", "--samples", "3",
                  "--depths", "0.5", "--haystack", PG, "--out", str(out), "--threads", "1", "--no-progress"]) == 0
-    assert len(ResultsStore(out).load()) == 7
+    assert len(ResultsStore(out).load()) == 8
     assert "1 cells computed, 2 read back" in (out / "report.md").read_text()
     (out / "report.md").unlink()
     assert main(["eval", "--report-only", "--out", str(out)]) == 0

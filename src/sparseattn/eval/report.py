@@ -262,8 +262,10 @@ def write_report(out_dir, records: Sequence[Dict[str, Any]], *, info: Optional[D
     lines = ["# sparseattn eval", ""]
     for key, value in (info or {}).items():
         lines.append(f"- {key}: {value}")
-    lines += ["", "Cells: accuracy in % (perplexity for `perplexity`), then the achieved mean prefill density "
-              "(share of the causal attention area computed; 1.00 = dense) and the number of samples.", "",
+    lines += ["", "Cells: accuracy in % (perplexity for `perplexity`), then the achieved mean density and the number "
+              "of samples. Density: for prefill methods the share of the causal attention area the plans computed; "
+              "for `decode:` methods (dense prefill) the mean share of the cached tokens a decode step read. "
+              "1.00 = dense.", "",
               summary_table(records, methods), "", tables(records, methods, tasks)]
     for title, name in images:
         lines += [f"![{title}]({name})", ""]

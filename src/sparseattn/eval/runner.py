@@ -1,9 +1,11 @@
 """Run evaluation cells on a model: one cell = (method, task, length, depth, sample) -> one record.
 
 Each cell builds its sample (:mod:`sparseattn.eval.tasks`; the same sample for every method),
-runs the model inside :func:`sparseattn.integrations.hf.patch` with the method as the prefill
-method and dense decoding, scores the greedy continuation (or, for ``perplexity``, the
-log-likelihood) and records the achieved attention density per layer.
+runs the model inside :func:`sparseattn.integrations.hf.patch` - a prefill method with the
+model's own dense decoding, or (labels ``decode:NAME``) dense prefill with a decode method on the
+paged cache - scores the greedy continuation (or, for ``perplexity``, the log-likelihood) and
+records the achieved density: the prefill plans' share of the causal area per layer, or for a
+decode method the mean share of the cached tokens its steps read.
 
 Results are appended to ``results.jsonl`` (one JSON object per line) as they are produced;
 cells already in the file are read back and not recomputed, so an interrupted run resumes
@@ -34,12 +36,14 @@ RUN_FILE = "run.json"
 # ----------------------------------------------------------------------------- specs and parsing
 @dataclass(frozen=True)
 class MethodSpec:
-    """A prefill method as the evaluation names it: ``label`` (e.g. ``streaming[sink=64,window=512]``),
-    the registered ``name`` and its option overrides."""
+    """A method as the evaluation names it: ``label`` (e.g. ``streaming[sink=64,window=512]``, or
+    ``decode:quest[token_budget=1024]`` for a decode method), the registered ``name``, its option
+    overrides and its ``kind`` ("prefill" or "decode")."""
 
     label: str
     name: str
     options: Tuple[Tuple[str, Any], ...] = ()
+    kind: str = "prefill"
 
     @property
     def kwargs(self) -> Dict[str, Any]:
@@ -48,17 +52,25 @@ class MethodSpec:
     def method(self):
         from ..methods import get_method
 
-        return get_method(self.name, **self.kwargs)
+        return get_method(self.name, kind=self.kind, **self.kwargs)
 
     def prefill(self, dense_layers: int = 0):
-        """The ``prefill=`` argument of :func:`~sparseattn.integrations.hf.patch`."""
+        """The ``prefill=`` argument of :func:`~sparseattn.integrations.hf.patch` (dense for a decode method)."""
+        if self.kind == "decode":
+            return "dense"
         m = self.method()
         if dense_layers <= 0 or self.name == "dense":
             return m
         return {"default": m, "layers": {i: "dense" for i in range(dense_layers)}}
 
+    def decode(self):
+        """The ``decode=`` argument of :func:`~sparseattn.integrations.hf.patch`: ``None`` (the model's
+        own dense decoding) for a prefill method, the method object for a decode method."""
+        return self.method() if self.kind == "decode" else None
+
     def config(self) -> Dict[str, Any]:
-        return {"name": self.name, **_jsonable(self.method().config())}
+        extra = {"kind": "decode"} if self.kind == "decode" else {}
+        return {"name": self.name, **extra, **_jsonable(self.method().config())}
 
 
 def _jsonable(obj):
@@ -99,14 +111,18 @@ def _value(text: str):
         return text
 
 
-def parse_methods(text: str) -> List[MethodSpec]:
+def parse_methods(text: str, kind: str = "prefill") -> List[MethodSpec]:
     """``"dense,streaming[sink=64,window=512],xattention[threshold=0.9]"`` -> method specs.
 
-    Each entry is a registered prefill method name, optionally with ``[option=value,...]``
+    Each entry is a registered method name of ``kind``, optionally with ``[option=value,...]``
     overrides (values are Python literals). Names and options are checked now; errors name
-    the valid choices.
+    the valid choices. Decode methods get labels ``decode:NAME[...]``.
     """
-    from ..methods import get_method, list_methods
+    from ..methods import get_method
+    from ..methods.registry import list_methods as _list
+
+    def list_methods():
+        return _list(kind)
 
     specs: List[MethodSpec] = []
     for entry in _split_top(text):
@@ -123,9 +139,11 @@ def parse_methods(text: str) -> List[MethodSpec]:
                 raise ValueError(f"bad option {item!r} in {entry!r}: expected option=value")
             key, val = item.split("=", 1)
             options.append((key.strip(), _value(val.strip())))
-        get_method(name, **dict(options))  # raises listing the valid options
+        get_method(name, kind=kind, **dict(options))  # raises listing the valid options
         label = name if not options else f"{name}[{','.join(f'{k}={v}' for k, v in options)}]"
-        spec = MethodSpec(label, name, tuple(options))
+        if kind == "decode":
+            label = "decode:" + label
+        spec = MethodSpec(label, name, tuple(options), kind)
         if any(s.label == label for s in specs):
             raise ValueError(f"method {label!r} is given twice")
         specs.append(spec)
@@ -355,7 +373,7 @@ def run_cell(model, tokenizer, sample: Sample, method: MethodSpec, *, dense_laye
     ids = torch.tensor([sample.input_ids], dtype=torch.long, device=device)
     n_layers = getattr(model.config, "num_hidden_layers", None)
     t0 = time.perf_counter()
-    with patch(model, prefill=method.prefill(dense_layers), decode="dense", backend=backend) as ctx:
+    with patch(model, prefill=method.prefill(dense_layers), decode=method.decode(), backend=backend) as ctx:
         if sample.kind == "perplexity":
             nll, count = sample_nll(model, ids, sample.meta["score_from"])
             prediction, score, metric = None, nll / count, "nll"
@@ -366,11 +384,15 @@ def run_cell(model, tokenizer, sample: Sample, method: MethodSpec, *, dense_laye
             extra = {}
     per_layer = ctx.stats.per_layer()
     layers = range(n_layers) if n_layers else sorted(per_layer)
+    if method.kind == "decode":  # prefill is dense; what the method saves is decode reads
+        density, density_of = ctx.stats.decode_density(), "decode"
+    else:
+        density, density_of = ctx.stats.mean_density(), "prefill"
     return {
-        "method": method.label, "task": sample.task, "length": sample.length, "depth": sample.depth,
-        "sample": sample.index, "sample_seed": sample.seed, "n_tokens": sample.n_tokens,
+        "method": method.label, "kind": method.kind, "task": sample.task, "length": sample.length,
+        "depth": sample.depth, "sample": sample.index, "sample_seed": sample.seed, "n_tokens": sample.n_tokens,
         "metric": metric, "score": score, "prediction": prediction, "answers": sample.answers,
-        "density": ctx.stats.mean_density(), "layer_density": [per_layer.get(i) for i in layers],
+        "density": density, "density_of": density_of, "layer_density": [per_layer.get(i) for i in layers],
         "fallbacks": dict(ctx.stats.fallbacks), "time_s": round(time.perf_counter() - t0, 3), **extra,
     }
 
