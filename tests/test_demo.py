@@ -19,7 +19,8 @@ METHODS = ["dense", "power", "streaming", "oracle@95%"]
 def test_demo_writes_results_report_and_plot(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--length", "640", "--methods", "power,streaming", "--out", str(out),
-                     "--device", "cpu"]) == 0
+                     "--device", "cpu", "--task-length", "400", "--task-samples", "1", "--tasks", "passkey",
+                     "--decode-method", "streaming[sink=4,window=64]"]) == 0
     printed = capsys.readouterr().out
     for name in METHODS:
         assert f"| {name} |" in printed
@@ -49,6 +50,14 @@ def test_demo_writes_results_report_and_plot(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert res["command"] in report and "torch" in report and res["device"] in report
     assert all(f"| {name} |" in report for name in METHODS)
+    # the task part: every method answered the same passkey sample; the table is in the report
+    tasks = [json.loads(line) for line in (out / "tasks" / "results.jsonl").read_text().splitlines()]
+    labels = ["dense", "power", "streaming", "decode:streaming[sink=4,window=64]"]
+    assert [r["method"] for r in tasks] == labels and res["tasks"]["methods"] == labels
+    assert len({r["sample_seed"] for r in tasks}) == 1 and all(r["score"] in (0.0, 1.0) for r in tasks)
+    assert tasks[0]["density"] == 1.0 and 0 < tasks[1]["density"] <= 1.0 and tasks[3]["density"] < 0.3
+    assert "## Tasks at 400 tokens" in report and "### passkey: accuracy %" in report
+    assert (out / "tasks" / "report.md").exists() and "--task-length 400" in res["command"]
     png = (out / "fidelity.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

@@ -11,6 +11,12 @@ output several block-sparse plans keep:
 * ``oracle@95%``: the fewest blocks that hold 95 % of the exact attention mass (a yardstick for
   block selection methods, not a practical method: it needs the dense attention).
 
+Then the task part (``--tasks``, default passkey and NIAH; ``--tasks ''`` skips it): the same
+methods as prefill methods (the model's dense decoding), plus ``--decode-method`` (default
+``quest[token_budget=512]``) with dense prefill, answer ``--task-samples`` samples per task at
+``--task-length`` tokens (2K on a CPU, 8K on a GPU) through :func:`sparseattn.eval.runner.run_eval`
+(records in ``OUT/tasks/results.jsonl``, its report in ``OUT/tasks/report.md``).
+
 Writes ``results.json``, ``report.md`` and ``fidelity.png`` to ``--out``.
 """
 
@@ -65,6 +71,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{DEFAULT_METHODS}; see sparseattn.list_methods())")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the generated haystack (default: 0)")
+    parser.add_argument("--tasks", default="passkey,niah",
+                        help="tasks of the accuracy part, or '' to skip it (default: passkey,niah)")
+    parser.add_argument("--task-length", type=int, default=None,
+                        help="prompt length of the tasks in tokens (default: 8192 on CUDA, 2048 on CPU)")
+    parser.add_argument("--task-samples", type=int, default=2,
+                        help="samples per task and method (default: 2; the needle at depth 0.5)")
+    parser.add_argument("--decode-method", default="quest[token_budget=512]",
+                        help="a decode method run with dense prefill in the task part, NAME or NAME[option=value], "
+                             "or '' for none (default: quest[token_budget=512])")
 
 
 def _build_plans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, methods: dict, block: int) -> dict:
@@ -79,7 +94,9 @@ def _build_plans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, methods: dic
 
 def _command(args) -> str:
     parts = ["sparseattn", "demo", "--model", str(args.model), "--length", str(args.length),
-             "--block-size", str(args.block_size), "--methods", str(args.methods), "--out", str(args.out)]
+             "--block-size", str(args.block_size), "--methods", str(args.methods), "--out", str(args.out),
+             "--tasks", str(args.tasks), "--task-length", str(args.task_length),
+             "--task-samples", str(args.task_samples), "--decode-method", str(args.decode_method)]
     if args.haystack:
         parts += ["--haystack", str(args.haystack)]
     else:
@@ -146,6 +163,24 @@ def _plot(path: Path, methods: dict, title: str) -> None:
     plt.close(fig)
 
 
+def _run_tasks(model, tokenizer, args, task_names, task_methods, out_dir: Path) -> str:
+    """The accuracy part: passkey/NIAH cells through the evaluation runner; returns a markdown table."""
+    from .eval.report import tables, write_report
+    from .eval.runner import EvalSettings, run_eval
+
+    settings = EvalSettings(methods=task_methods, tasks=task_names, lengths=[args.task_length], depths=[0.5],
+                            samples=args.task_samples, seed=args.seed, haystack=args.haystack,
+                            model=str(args.model))
+    try:
+        done = run_eval(model, tokenizer, settings, out_dir / "tasks")
+    except ValueError as exc:  # an earlier run in OUT/tasks with other settings
+        raise SystemExit(f"sparseattn demo: error: {exc} (or pick another --out)") from None
+    labels = [m.label for m in task_methods]
+    write_report(out_dir / "tasks", done.records, info={"command": f"`{_command(args)}`"}, methods=labels,
+                 tasks=task_names)
+    return tables(done.records, labels, task_names)
+
+
 def run(args) -> int:
     from tqdm.auto import tqdm
 
@@ -163,6 +198,20 @@ def run(args) -> int:
         raise SystemExit(f"--length must be positive, got {args.length}")
     if args.block_size <= 0:
         raise SystemExit(f"--block-size must be positive, got {args.block_size}")
+    if args.task_length is None:
+        args.task_length = 8192 if device.type == "cuda" else 2048
+    if args.task_samples <= 0:
+        raise SystemExit(f"--task-samples must be positive, got {args.task_samples}")
+    from .eval.runner import parse_methods, parse_tasks
+
+    try:
+        task_names = parse_tasks(args.tasks) if args.tasks.strip() else []
+        task_methods = parse_methods(",".join(["dense"] + [m.strip() for m in args.methods.split(",")
+                                                           if m.strip() and m.strip() != "dense"]))
+        if args.decode_method.strip():
+            task_methods += parse_methods(args.decode_method, kind="decode")
+    except ValueError as exc:
+        raise SystemExit(f"sparseattn demo: error: {exc}") from None
     from .methods import get_method, list_methods
 
     names = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "dense"]
@@ -228,6 +277,12 @@ def run(args) -> int:
         "methods": summary,
     }
     table = _table(summary)
+    task_table = ""
+    if task_names:
+        task_table = _run_tasks(model, tokenizer, args, task_names, task_methods, out_dir)
+        result["tasks"] = {"length": args.task_length, "samples": args.task_samples, "tasks": task_names,
+                           "methods": [m.label for m in task_methods], "results": str(out_dir / "tasks")}
+        result["timings_s"]["tasks"] = round(time.perf_counter() - t_done, 2)
     (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     title = (f"{args.model}, {args.length} tokens ({haystack}), block {args.block_size}, "
              f"{geo['layers']} layers x {geo['q_heads']} heads")
@@ -247,6 +302,10 @@ def run(args) -> int:
         "Means over the layers (each layer: averaged over heads and query rows). Mass recall is the share of",
         "the dense softmax mass inside the plan; output error is ||out - dense|| / ||dense||.", "",
         table, "",
+        *([f"## Tasks at {args.task_length} tokens ({args.task_samples} samples per task, needle depth 0.5)", "",
+           "Accuracy % (mean density, samples); prefill methods decode densely, `decode:` methods prefill densely "
+           "(density = share of cached tokens read). Details: [tasks/report.md](tasks/report.md).", "",
+           task_table, ""] if task_names else []),
         "Methods:", "",
         *[f"- `{name}`: {desc}" for name, desc in descriptions.items()], "",
         "![fidelity per layer](fidelity.png)", "",
@@ -254,6 +313,9 @@ def run(args) -> int:
     (out_dir / "report.md").write_text(report)
 
     print(table)
+    if task_table:
+        print()
+        print(task_table)
     print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'report.md'}, {out_dir / 'fidelity.png'} "
           f"({time.perf_counter() - t_start:.1f} s)")
     return 0

@@ -16,7 +16,10 @@ LENGTHS = [1, 16, 37, 200, 333]
 
 
 def test_registry_and_defaults():
-    assert list_decode_methods()[:3] == ["dense", "streaming", "quest"]
+    # every decode method of the issue, in its table's order
+    assert list_decode_methods() == ["dense", "streaming", "quest", "block_topk", "tokenselect", "tidaldecode",
+                                     "double_sparsity", "recycled", "delta", "duo", "h2o", "snapkv", "tova",
+                                     "pyramidkv"]
     quest = get_decode_method("quest")
     assert (quest.token_budget, quest.min_pages, quest.dense_layers, quest.gqa_policy) == (512, 3, (0, 1), "group_max")
     assert quest.page_budget(16) == 32 and get_decode_method("quest", token_budget=16).page_budget(16) == 3

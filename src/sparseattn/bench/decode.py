@@ -47,9 +47,21 @@ SHAPES = {"32/8/128": (32, 8, 128), "9/3/64": (9, 3, 64)}
 DEFAULT_OUT = "runs/bench_decode"
 
 # method -> function(budget tokens, page_size) -> overrides that give the method that budget.
+# Cross-layer methods also get their roles: layer 0 selects, layer 1 (timed as layer_ms) reuses.
 BUDGET_KNOBS: Dict[str, Callable[[int, int], dict]] = {
     "streaming": lambda b, p: {"sink": 4, "window": max(1, b - 4)},
     "quest": lambda b, p: {"token_budget": b},
+    "tidaldecode": lambda b, p: {"token_budget": b, "selection_layers": (0,)},
+    "recycled": lambda b, p: {"top_k": b},
+    "delta": lambda b, p: {"page_budget": max(1, b // p), "delta_layers": (0,)},
+    "h2o": lambda b, p: {"hh_size": b // 2, "recent_size": b - b // 2},
+    "tova": lambda b, p: {"cache_size": b},
+    "snapkv": lambda b, p: {"max_capacity_prompt": b},
+    "pyramidkv": lambda b, p: {"max_capacity_prompt": b},
+    "double_sparsity": lambda b, p: {"token_budget": b, "dense_below": 0},
+    "block_topk": lambda b, p: {"topk_pages": max(1, b // p)},
+    "tokenselect": lambda b, p: {"n_init": min(128, b // 8), "n_local": min(512, b // 4),
+                                 "top_k": b - min(128, b // 8) - min(512, b // 4)},
 }
 
 
@@ -198,14 +210,14 @@ def _selected_tokens(sel, cache: PagedKVCache, layer: int) -> float:
 
 # ----------------------------------------------------------------------------- one case
 def build_cache(B: int, Hkv: int, D: int, L: int, dtype, device, page_size: int, seed: int = 0) -> PagedKVCache:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)  # on the device: a 128K cache is GBs
     cache = PagedKVCache(2, Hkv, D, page_size=page_size, dtype=dtype, device=device, max_batch=B)
     cache.reserve(L + 16)
     chunk = 16384
     for start in range(0, L, chunk):
         n = min(chunk, L - start)
-        k = torch.randn(B, Hkv, n, D, generator=gen).to(device=device, dtype=dtype)
-        v = torch.randn(B, Hkv, n, D, generator=gen).to(device=device, dtype=dtype)
+        k = torch.randn(B, Hkv, n, D, generator=gen, device=device).to(dtype)
+        v = torch.randn(B, Hkv, n, D, generator=gen, device=device).to(dtype)
         for layer in range(2):
             cache.append(layer, k, v)
     return cache

@@ -18,6 +18,17 @@ from .base import DecodeMethod, check_overrides
 from .dense import DenseDecode  # noqa: E402
 from .streaming import StreamingDecode  # noqa: E402
 from .quest import Quest  # noqa: E402
+from .block_topk import BlockTopKDecode  # noqa: E402
+from .tokenselect import TokenSelect  # noqa: E402
+from .tidaldecode import TidalDecode  # noqa: E402
+from .double_sparsity import DoubleSparsity  # noqa: E402
+from .recycled import RecycledAttention  # noqa: E402
+from .delta import Delta  # noqa: E402
+from .duo import DuoDecode  # noqa: E402
+from .h2o import H2O  # noqa: E402
+from .snapkv import SnapKV  # noqa: E402
+from .tova import TOVA  # noqa: E402
+from .pyramidkv import PyramidKV  # noqa: E402
 
 
 def list_decode_methods() -> List[str]:
@@ -30,5 +41,6 @@ def get_decode_method(name: Union[str, DecodeMethod], **overrides) -> DecodeMeth
     return get_method(name, kind="decode", **overrides)
 
 
-__all__ = ["DecodeMethod", "DenseDecode", "Quest", "StreamingDecode", "get_decode_method", "list_decode_methods",
-           "check_overrides"]
+__all__ = ["DecodeMethod", "check_overrides", "get_decode_method", "list_decode_methods",
+           "DenseDecode", "StreamingDecode", "Quest", "BlockTopKDecode", "TokenSelect", "TidalDecode", "DoubleSparsity",
+           "RecycledAttention", "Delta", "DuoDecode", "H2O", "SnapKV", "TOVA", "PyramidKV"]

@@ -57,6 +57,9 @@ class DecodeMethod:
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "decode"
+    # False when a step branches on host state (a step counter): a captured CUDA graph would
+    # replay one branch forever, so benchmarks time such methods eagerly.
+    graph_safe: ClassVar[bool] = True
 
     dense_layers: Tuple[int, ...] = ()
     dense_below: int = 0
@@ -64,6 +67,9 @@ class DecodeMethod:
     def __post_init__(self):
         self.dense_layers = check_layers("dense_layers", self.dense_layers)
         check_int("dense_below", self.dense_below, minimum=0)
+        # The key of this object's state in a cache: an object the cache's dict holds on to, so its
+        # identity cannot be reused by a later method object (``id(self)`` could, after GC).
+        self._state_token = object()
 
     def select(self, q: torch.Tensor, cache: PagedKVCache, layer: int) -> Optional[DecodeSelection]:
         """The selection for ``q [B, Hq, Lq, D]`` (the newest ``Lq`` tokens, already appended) at ``layer``."""
@@ -90,7 +96,7 @@ class DecodeMethod:
     def state(self, cache: PagedKVCache, layer: Optional[int] = None) -> dict:
         """This method's mutable state for ``cache`` (per ``layer``, or shared by all layers with
         ``None``): a dict the method fills with device tensors and host counters."""
-        return cache.method_state.setdefault((id(self), layer), {})
+        return cache.method_state.setdefault((self._state_token, layer), {})
 
     def config(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}

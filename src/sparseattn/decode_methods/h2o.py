@@ -1,0 +1,135 @@
+"""H2O (Heavy-Hitter Oracle): keep the tokens with the most accumulated attention + a recent window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Tuple
+
+import torch
+
+from ..methods.base import check_choice, check_float, check_int, rank_mask
+from ..methods.registry import register
+from .eviction import (GQA_AGGREGATIONS, EvictionMethod, check_prompt_queries, group_reduce, kept_attention,
+                       to_device_ints)
+
+
+@register
+@dataclass(kw_only=True)
+class H2O(EvictionMethod):
+    """H2O (Zhang et al., NeurIPS 2023, arXiv 2306.14048; code FMInference/H2O), spec section 19.2.
+
+    Algorithm: every cached token carries a score, the attention probability mass it has
+    received from all queries so far (summed over the query dimension; ``_update_hh_score`` in
+    ``h2o_hf/utils_real_drop/modify_llama.py``). After each attention, when more than
+    ``hh + recent`` tokens are kept, the cache keeps the last ``recent`` tokens plus the ``hh``
+    earlier kept tokens with the highest scores (heavy hitters) and evicts the rest, with their
+    scores. :meth:`on_prefill` initialises the scores from the prompt's causal attention
+    (computed in chunks of queries, memory ``O(chunk x L)``) and evicts; each decode step reads
+    the kept tokens plus the new ones, adds the step's probabilities over them (summed over the
+    ``Lq`` new queries) and evicts down to ``hh + recent``. After every step exactly
+    ``min(hh + recent, length)`` tokens per (batch, KV head) stay kept; the step itself reads
+    ``min(hh + recent, length - Lq) + Lq`` (the official cache also attends over
+    ``cache_size + 1`` before evicting). Evicted tokens are never read again, but the paged
+    cache does not free their memory (see :mod:`.eviction`).
+
+    Budget, two ways (both official):
+
+    * ratios (default, the run scripts: ``--heavy_ratio 0.1 --recent_ratio 0.1`` in
+      ``h2o_hf/run_text_generation.py``, i.e. a 20 % cache): ``hh = int(heavy_ratio * n)``,
+      ``recent = int(recent_ratio * n)`` with ``n`` the sequence's length when the method first
+      sees the layer (the prompt length after :meth:`on_prefill`), fixed from then on, as
+      ``LlamaAttention_heavy_hitter`` in ``h2o_hf/utils_hh/modify_llama.py`` sets them at the
+      first forward. Per sequence for a ragged batch.
+    * absolute sizes: give ``hh_size`` and ``recent_size`` (both; they override the ratios).
+      The class defaults of ``H2OKVCache_LayerWise`` are ``hh_size=4``, ``recent_size=512``:
+      ``get_decode_method("h2o", hh_size=4, recent_size=512)``.
+
+    GQA (``gqa_score_agg``): the official code scores per query head (MHA models). Here one
+    keep-set per KV head serves its group, so per-query-head probabilities are reduced over the
+    group before they are accumulated: ``"mean"`` (default; kvpress's group mean and
+    KVCache-Factory's ``gqa_score_agg='mean'``), ``"max"`` or ``"sum"`` (``sum`` ranks like
+    ``mean``). The reduction applies to each observation's probabilities summed over its query
+    rows (the prompt's rows, then each step's ``Lq`` rows), as KVCache-Factory reduces the
+    query-summed prompt scores. Deviations: scores accumulate in float32 (float64 for float64 inputs), not in
+    the model dtype; ties between equal scores go to the lower position (``torch.topk`` leaves
+    them unspecified); the batch is not summed over (the official ``attn.sum(0)`` assumes
+    batch 1).
+
+    Without :meth:`on_prefill` (a cache filled without the prompt hook) the first ``select``
+    starts with every cached token kept and zero scores; that step's probabilities then decide
+    the first eviction (ratio budgets from the length at that step).
+    """
+
+    name: ClassVar[str] = "h2o"
+    _row_state: ClassVar[Tuple[str, ...]] = ("keep", "scores")
+
+    heavy_ratio: float = 0.1
+    recent_ratio: float = 0.1
+    hh_size: Optional[int] = None
+    recent_size: Optional[int] = None
+    gqa_score_agg: str = "mean"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_float("heavy_ratio", self.heavy_ratio, minimum=0.0, maximum=1.0)
+        check_float("recent_ratio", self.recent_ratio, minimum=0.0, maximum=1.0)
+        if (self.hh_size is None) != (self.recent_size is None):
+            raise ValueError(f"give both hh_size and recent_size (absolute budget) or neither (budget from "
+                             f"heavy_ratio/recent_ratio), got hh_size={self.hh_size!r}, "
+                             f"recent_size={self.recent_size!r}")
+        if self.hh_size is not None:
+            check_int("hh_size", self.hh_size, minimum=0)
+            check_int("recent_size", self.recent_size, minimum=0)
+        check_choice("gqa_score_agg", self.gqa_score_agg, GQA_AGGREGATIONS)
+
+    def budgets(self, length: int) -> Tuple[int, int]:
+        """``(hh, recent)`` for a sequence first seen with ``length`` tokens."""
+        if self.hh_size is not None:
+            return self.hh_size, self.recent_size
+        return int(self.heavy_ratio * length), int(self.recent_ratio * length)
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, st, cache, layer):
+        pairs = [self.budgets(n) for n in cache.host_lengths(layer)]
+        st["hh"] = to_device_ints([h for h, _ in pairs], cache.device)
+        st["recent"] = to_device_ints([r for _, r in pairs], cache.device)
+        st["budget_host"] = [h + r for h, r in pairs]
+        dt = torch.float64 if cache.dtype == torch.float64 else torch.float32
+        st["scores"] = torch.zeros(st["keep"].shape, dtype=dt, device=cache.device)
+
+    def _observe(self, q, cache, layer, st, evict):
+        N = cache.max_pages * cache.page_size
+        keep = st["keep"][..., :N]
+        mass = group_reduce(kept_attention(q, cache, layer, keep), self.gqa_score_agg)  # [B, Hkv, N]
+        st["scores"][..., :N] += mass.to(st["scores"].dtype)
+        if evict:
+            self._evict(st, cache, layer, N)
+
+    def _evict(self, st, cache, layer, N):
+        keep = st["keep"][..., :N]
+        scores = st["scores"][..., :N]
+        B, H = keep.shape[:2]
+        n = cache.layer_lengths(layer).long().view(B, 1, 1)
+        pos = torch.arange(N, device=keep.device).view(1, 1, N)
+        recent = keep & (pos >= n - st["recent"].view(B, 1, 1))  # kept tokens are < n
+        cand = keep & ~recent
+        ranked = torch.where(cand, scores, torch.full((), float("-inf"), dtype=scores.dtype, device=keep.device))
+        heavy = rank_mask(ranked, st["hh"].view(B, 1).expand(B, H)) & cand
+        new = recent | heavy
+        st["scores"][..., :N] = torch.where(new, scores, torch.zeros((), dtype=scores.dtype, device=keep.device))
+        self._commit(st, new, st["budget_host"])
+
+    # ------------------------------------------------------------------ hooks
+    def on_prefill(self, q, cache, layer):
+        """Scores from the prompt's attention (rows bottom-right aligned, chunked), then evict."""
+        check_prompt_queries(q, cache, layer)
+        if layer in self.dense_layers or q.shape[0] == 0:
+            return
+        st = self._prepare(cache, layer)
+        self._observe(q, cache, layer, st, evict=self._evicting(cache, layer))
+
+    def _select(self, q, cache, layer):
+        st = self._prepare(cache, layer)
+        sel = self._selection(st, cache)  # what this step reads: kept + new tokens
+        self._observe(q, cache, layer, st, evict=True)
+        return sel

@@ -1,0 +1,77 @@
+"""TOVA (Token Omission Via Attention): keep the tokens the current query attends to most."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..methods.base import check_int, rank_mask
+from ..methods.registry import register
+from .eviction import EvictionMethod, check_prompt_queries, kept_attention
+
+
+@register
+@dataclass(kw_only=True)
+class TOVA(EvictionMethod):
+    """TOVA (Oren et al., "Transformers are Multi-State RNNs", arXiv 2401.06104; code
+    schwartz-lab-NLP/TOVA), spec section 19.3.
+
+    Algorithm (``TOVACache.reduce`` in ``src/tova_cache.py``): after each attention, when the
+    layer holds more than ``cache_size`` tokens, take the attention probabilities of the
+    **last** query (``attn_weights[:, :, -1, :]``), average them over all query heads, and keep
+    the ``cache_size`` tokens with the highest average; the rest is evicted. The decision is
+    one per layer and sequence, shared by every KV head. The prompt is reduced the same way,
+    with its last query (:meth:`on_prefill`); each decode step reads the kept tokens plus the
+    new ones, then evicts down to ``cache_size`` with the last new query's probabilities over
+    what it read. After every step exactly ``min(cache_size, length)`` tokens stay kept. Evicted
+    tokens are never read again; the paged cache does not free their memory (see
+    :mod:`.eviction`).
+
+    GQA: the mean runs over all ``Hq`` query heads (the official code averages the
+    ``repeat_kv``-ed attention over ``dim=1``), so every KV head gets the same keep-set.
+
+    Default ``cache_size=512``: the spec's value for the README example ``multi_state_size``
+    (the README revision read for this port writes ``TOVACache(multi_state_size)`` without a
+    number; 512 is the size the spec records and third-party harnesses use). Deviations: the
+    mean is taken in float32 (float64 for float64 inputs); ties go to the lower position.
+
+    Without :meth:`on_prefill` the first ``select`` reads every cached token and then evicts
+    with that step's last query, as if the prompt had been kept whole.
+    """
+
+    name: ClassVar[str] = "tova"
+
+    cache_size: int = 512
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("cache_size", self.cache_size, minimum=1)
+
+    def _observe(self, q, cache, layer, st, evict):
+        if not evict:
+            return
+        N = cache.max_pages * cache.page_size
+        keep = st["keep"][..., :N]
+        B, H = keep.shape[:2]
+        mass = kept_attention(q[:, :, -1:], cache, layer, keep)  # [B, Hkv, G, N]: the last query's probs
+        score = mass.mean(2).mean(1)  # mean over all query heads (groups have equal size)
+        cand = keep[:, 0]  # one keep-set per layer: identical over the KV heads
+        ranked = torch.where(cand, score, torch.full((), float("-inf"), dtype=score.dtype, device=score.device))
+        top = rank_mask(ranked, torch.full((B,), self.cache_size, dtype=torch.long, device=score.device)) & cand
+        self._commit(st, top.unsqueeze(1).expand(B, H, N), [self.cache_size] * B)
+
+    def on_prefill(self, q, cache, layer):
+        """Reduce the prompt to ``cache_size`` tokens by its last query's head-averaged attention."""
+        check_prompt_queries(q, cache, layer)
+        if layer in self.dense_layers or q.shape[0] == 0 or q.shape[2] == 0:
+            return
+        st = self._prepare(cache, layer)
+        self._observe(q, cache, layer, st, evict=self._evicting(cache, layer))
+
+    def _select(self, q, cache, layer):
+        st = self._prepare(cache, layer)
+        sel = self._selection(st, cache)  # what this step reads: kept + new tokens
+        self._observe(q, cache, layer, st, evict=True)
+        return sel
