@@ -141,10 +141,14 @@ def exact_logits(q: torch.Tensor, cache: PagedKVCache, layer: int, scale: Option
     Hkv = cache.num_kv_heads
     G = Hq // Hkv
     dt = score_dtype(q)
-    k = gather_keys(cache, layer).to(dt)  # [B, Hkv, N, D]
+    k = gather_keys(cache, layer)  # [B, Hkv, N, D], in the cache dtype
     N = k.shape[2]
     scale = D ** -0.5 if scale is None else scale
-    s = torch.matmul(q.to(dt).reshape(B, Hkv, G * Lq, D), k.transpose(-1, -2)).view(B, Hkv, G, Lq, N) * scale
+    # Half-precision caches: the product runs in the cache dtype (fp32 accumulation in the matmul, one
+    # rounding of each logit), never converting every key to float32 - the keys are the bytes that cost.
+    qg = q.reshape(B, Hkv, G * Lq, D) if q.dtype in (torch.float16, torch.bfloat16) else q.to(dt).reshape(B, Hkv, G * Lq, D)
+    s = torch.matmul(qg, k.transpose(-1, -2) if qg.dtype == k.dtype else k.to(dt).transpose(-1, -2))
+    s = s.to(dt).view(B, Hkv, G, Lq, N) * scale
     lengths = cache.layer_lengths(layer).long().view(B, 1, 1, 1, 1)
     pos = torch.arange(N, device=q.device).view(1, 1, 1, 1, N)
     qpos = lengths - Lq + torch.arange(Lq, device=q.device).view(1, 1, 1, Lq, 1)  # each query's position

@@ -89,7 +89,7 @@ class BlockTopKDecode(DecodeMethod):
         forced = exists & ((idx < sink_pages) | (idx >= first_recent))  # [B, maxP]
         candidate = exists & ~forced
         score = self.page_scores(q, cache, layer)  # [B, Hkv, maxP]
-        score = torch.where(candidate.unsqueeze(1), score, torch.tensor(float("-inf"), dtype=score.dtype, device=dev))
+        score = torch.where(candidate.unsqueeze(1), score, score.new_full((), float("-inf")))
         k = torch.full(score.shape[:2], self.topk_pages, dtype=torch.long, device=dev)
         keep = (rank_mask(score, k) & candidate.unsqueeze(1)) | forced.unsqueeze(1)
         width = min(maxP, sink_pages + self.topk_pages + -(-(Lq + self.local) // P) + 1)

@@ -99,7 +99,7 @@ class Delta(DecodeMethod):
         forced = (idx >= forced_from) & (idx < n_pages)
         candidate = idx < forced_from
         free = (self.page_budget - (n_pages - forced_from)).clamp(min=0).view(B)
-        neg = torch.tensor(float("-inf"), dtype=page.dtype, device=q.device)
+        neg = page.new_full((), float("-inf"))
         keep = rank_mask(torch.where(candidate, page, neg), free) & candidate
         width = min(maxP, max(self.page_budget, Lq // P + 2))
         return DecodeSelection.from_page_mask((keep | forced).view(B, 1, maxP), page_size=P, max_pages=width)

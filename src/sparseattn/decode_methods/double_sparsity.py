@@ -537,7 +537,7 @@ class DoubleSparsity(DecodeMethod):
         candidate = pos < lengths - n_forced  # [B, 1, N]
         forced = (pos >= lengths - n_forced) & (pos < lengths)
         free = max(self.token_budget - n_forced, 0)
-        neg = torch.tensor(float("-inf"), dtype=s.dtype, device=dev)
+        neg = s.new_full((), float("-inf"))
         if self.gqa_policy == "per_q_head":
             score = torch.where(candidate.unsqueeze(2), s, neg)
             n = torch.full(score.shape[:3], free, dtype=torch.long, device=dev)

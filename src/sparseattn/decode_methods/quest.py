@@ -90,7 +90,7 @@ class Quest(DecodeMethod):
         candidate = idx < first_forced
         free = (budget - (n_pages - first_forced)).clamp(min=0)  # [B, 1, 1]
         u = self.page_scores(q, cache, layer).amax(3)  # [B, Hkv, G, maxP]: max over the new queries
-        neg = torch.tensor(float("-inf"), dtype=u.dtype, device=dev)
+        neg = u.new_full((), float("-inf"))
         if self.gqa_policy == "per_q_head":
             score = torch.where(candidate.unsqueeze(2), u, neg)
             keep = (rank_mask(score, free.view(-1, 1, 1).expand(score.shape[:3])) & candidate.unsqueeze(2)).any(2)

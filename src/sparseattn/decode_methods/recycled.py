@@ -106,7 +106,7 @@ class RecycledAttention(DecodeMethod):
         base = cache.layer_lengths(layer).long() - Lq  # [B]: where the step's new tokens start
         j = torch.arange(N, device=q.device)
         candidate = j.view(1, 1, -1) < base.view(-1, 1, 1)
-        neg = torch.tensor(float("-inf"), dtype=score.dtype, device=q.device)
+        neg = score.new_full((), float("-inf"))
         n = torch.full(score.shape[:2], self.top_k, dtype=torch.long, device=q.device)
         keep = rank_mask(torch.where(candidate, score, neg), n) & candidate
         counts, tokens = compact_rows(keep, j.expand(keep.shape), max(1, min(N, self.top_k)))

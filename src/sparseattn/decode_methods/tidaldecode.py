@@ -150,7 +150,7 @@ class TidalDecode(DecodeMethod):
         forced = (j >= lengths - Lq) & (j < lengths)  # the step's new tokens, [B, 1, N]
         candidate = j < lengths - Lq
         free = max(0, self.token_budget - Lq)
-        neg = torch.tensor(float("-inf"), dtype=probs.dtype, device=q.device)
+        neg = probs.new_full((), float("-inf"))
         if self.gqa_policy == "per_q_head":
             s = torch.where(candidate.unsqueeze(2), probs.amax(3), neg)  # [B, Hkv, G, N]
             n = torch.full(s.shape[:3], free, dtype=torch.long, device=q.device)

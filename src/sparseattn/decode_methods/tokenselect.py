@@ -110,7 +110,7 @@ class TokenSelect(DecodeMethod):
         ``kernel_size > 1``), ``-inf`` outside the candidates."""
         B, Hq = qbar.shape[:2]
         logits = exact_logits(qbar, cache, layer, scale=self.logit_scale).view(B, Hq, -1)  # [B, Hq, n]
-        neg = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+        neg = logits.new_full((), float("-inf"))
         logits = torch.where(candidate.unsqueeze(1), logits, neg)
         s = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(1)  # [B, n]; rows without candidates: 0
         s = torch.where(candidate, s, neg)
