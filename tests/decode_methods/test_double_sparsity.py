@@ -282,13 +282,13 @@ def test_select_twice_without_new_tokens_writes_nothing(monkeypatch):
     a = m.select(q, cache, 0)
     b = m.select(q, cache, 0)
     assert len(written) == 1 and torch.equal(a.tokens, b.tokens)
-    cache.append(0, torch.randn(2, 2, 1, D), torch.randn(2, 2, 1, D))
+    cache.append(0, torch.randn(2, 2, 1, D, device=cache.device), torch.randn(2, 2, 1, D, device=cache.device))
     m.select(q, cache, 0)
     assert written[1] == 2 * 1  # one page per sequence (30 -> 31, 12 -> 13 stay within a page of 16)
 
 
 def test_a_new_method_object_never_reads_a_dead_ones_state():
-    # DecodeMethod.state is keyed by id(self): temporaries can reuse an id on the same cache
+    # temporaries can reuse an id(); DecodeMethod.state keys by a per-object token instead
     cache = make_cache(2, 2, D, [60, 33], dtype=torch.float64)
     q = make_q(2, 6, 1, D, torch.float64)
     tables = [random_table(1, 6, seed=s) for s in range(4)]
