@@ -110,6 +110,13 @@ def test_parse_lengths_and_layers():
     with pytest.raises(SystemExit, match="out of range"):
         fidelity.parse_layers("30", 30)
     assert fidelity.parse_methods(None) == list_methods()
+    objs = fidelity.method_objects("xattention,xattention[threshold=0.95],power")
+    assert list(objs) == ["xattention", "xattention[threshold=0.95]", "power"]
+    assert objs["xattention"].threshold == 0.9 and objs["xattention[threshold=0.95]"].threshold == 0.95
+    with pytest.raises(SystemExit, match="unknown method"):
+        fidelity.parse_methods("xatention")
+    with pytest.raises(SystemExit, match="unknown option"):
+        fidelity.parse_methods("xattention[treshold=0.9]")
     assert fidelity.parse_oracle_masses("0.9,95%") == [0.9, 0.95]
     assert fidelity.oracle_name(0.9) == "oracle@90%"
 

@@ -100,22 +100,35 @@ def parse_lengths(text: str) -> List[int]:
 
 
 def parse_methods(text: Optional[str]) -> List[str]:
-    from ..methods import list_methods
+    """Method labels: registered names, each optionally with overrides, e.g.
+    ``"xattention,xattention[threshold=0.95],sale"`` (see :func:`method_objects`)."""
+    return list(method_objects(text))
+
+
+def method_objects(text: Optional[str]) -> dict:
+    """``{label: method object}`` for ``--methods`` (default: every registered prefill method at its
+    defaults). ``NAME[option=value,...]`` entries measure a method with other settings next to its
+    defaults; their options are checked now."""
+    from ..eval.runner import parse_methods as parse_specs
+    from ..methods import get_method, list_methods
 
     valid = list_methods()
     if text is None:
-        return valid
-    names = []
-    for raw in str(text).split(","):
-        name = raw.strip()
-        if name and name not in names:
-            names.append(name)
-    unknown = [n for n in names if n not in valid]
+        return {name: get_method(name) for name in valid}
+    if not str(text).strip(", "):
+        raise SystemExit(f"--methods {text!r} names no method; valid prefill methods: {', '.join(valid)}")
+    entries = []
+    for raw in str(text).split(","):  # drop repeats of plain names (kept for backward compatibility)
+        if raw.strip() and (raw.strip() not in entries or "[" in raw):
+            entries.append(raw.strip())
+    unknown = [e for e in entries if "[" not in e and "]" not in e and e not in valid]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; valid prefill methods: {', '.join(valid)}")
-    if not names:
-        raise SystemExit(f"--methods {text!r} names no method; valid prefill methods: {', '.join(valid)}")
-    return names
+    try:
+        specs = parse_specs(",".join(entries))
+    except ValueError as exc:
+        raise SystemExit(f"--methods: {exc}") from None
+    return {spec.label: spec.method() for spec in specs}
 
 
 def parse_oracle_masses(text: str) -> List[float]:
@@ -580,11 +593,11 @@ def run(args) -> int:
         return report_only(Path(args.out))
     t_start = time.perf_counter()
     from ..eval.fidelity import compare_plans, oracle_plan
-    from ..methods import get_method
 
     # Validate everything that needs no model first (fast, clear errors).
     lengths = parse_lengths(args.lengths)
-    method_names = parse_methods(args.methods)
+    methods = method_objects(args.methods)
+    method_names = list(methods)
     masses = parse_oracle_masses(args.oracle_masses)
     if args.block_size <= 0:
         raise SystemExit(f"--block-size must be positive, got {args.block_size}")
@@ -592,7 +605,6 @@ def run(args) -> int:
         if args.threads <= 0:
             raise SystemExit(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
-    methods = {name: get_method(name) for name in method_names}
     oracles = {oracle_name(m): m for m in masses}
     device = torch.device(args.device)
 
