@@ -57,7 +57,7 @@ def _assert_restored(model):
 
 def test_dense_prefill_equals_unpatched(smol, ids, dense_logits):
     model, _ = smol
-    with patch(model, prefill="dense") as ctx:
+    with patch(model, prefill="dense", fast_cpu=False) as ctx:  # through the engine's reference kernel
         assert model.config._attn_implementation.startswith("sparseattn_patch")
         with torch.no_grad():
             out = model(ids).logits
@@ -152,6 +152,18 @@ def test_sparse_method_changes_logits_but_stays_close(smol, ids, dense_logits):
     top1 = float((out.argmax(-1) == dense_logits.argmax(-1)).float().mean())
     assert 1e-3 < rel < 0.3, rel  # observed ~0.12 at density ~0.53
     assert top1 > 0.75, top1  # observed ~0.87
+
+
+def test_fast_cpu_path_equals_the_reference_kernel(smol, ids):
+    model, _ = smol
+    with torch.no_grad():
+        with patch(model, prefill="streaming", **SPARSE) as fast:
+            a = model(ids).logits
+        with patch(model, prefill="streaming", fast_cpu=False, **SPARSE) as ref:
+            b = model(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-4)  # same masks, SDPA vs the reference kernel
+    assert [c.density for c in fast.stats.calls] == [c.density for c in ref.stats.calls]
+    _assert_restored(model)
 
 
 def test_restored_even_when_the_block_raises(smol, ids, dense_logits):
