@@ -205,3 +205,23 @@ class EvictionMethod(DecodeMethod):
 
 __all__ = ["EvictionMethod", "GQA_AGGREGATIONS", "group_reduce", "kept_attention", "check_prompt_queries",
            "to_device_ints"]
+
+
+@dataclass(kw_only=True)
+class StepEvictionMethod(EvictionMethod):
+    """Eviction that scores every step (H2O, TOVA): the prompt's queries score and evict once in
+    ``on_prefill``; each decode step reads the kept tokens plus its new ones, then scores them
+    with its queries and evicts down to the budget."""
+
+    def on_prefill(self, q, cache, layer):
+        check_prompt_queries(q, cache, layer)
+        if layer in self.dense_layers or q.shape[0] == 0 or q.shape[2] == 0:
+            return
+        st = self._prepare(cache, layer)
+        self._observe(q, cache, layer, st, evict=self._evicting(cache, layer))
+
+    def _select(self, q, cache, layer):
+        st = self._prepare(cache, layer)
+        sel = self._selection(st, cache)  # what this step reads: kept + new tokens
+        self._observe(q, cache, layer, st, evict=True)
+        return sel

@@ -9,13 +9,13 @@ import torch
 
 from ..methods.base import check_choice, check_float, check_int, rank_mask
 from ..methods.registry import register
-from .eviction import (GQA_AGGREGATIONS, EvictionMethod, check_prompt_queries, group_reduce, kept_attention,
+from .eviction import (GQA_AGGREGATIONS, StepEvictionMethod, group_reduce, kept_attention,
                        to_device_ints)
 
 
 @register
 @dataclass(kw_only=True)
-class H2O(EvictionMethod):
+class H2O(StepEvictionMethod):
     """H2O (Zhang et al., NeurIPS 2023, arXiv 2306.14048; code FMInference/H2O), spec section 19.2.
 
     Algorithm: every cached token carries a score, the attention probability mass it has
@@ -120,16 +120,3 @@ class H2O(EvictionMethod):
         self._commit(st, new, st["budget_host"])
 
     # ------------------------------------------------------------------ hooks
-    def on_prefill(self, q, cache, layer):
-        """Scores from the prompt's attention (rows bottom-right aligned, chunked), then evict."""
-        check_prompt_queries(q, cache, layer)
-        if layer in self.dense_layers or q.shape[0] == 0:
-            return
-        st = self._prepare(cache, layer)
-        self._observe(q, cache, layer, st, evict=self._evicting(cache, layer))
-
-    def _select(self, q, cache, layer):
-        st = self._prepare(cache, layer)
-        sel = self._selection(st, cache)  # what this step reads: kept + new tokens
-        self._observe(q, cache, layer, st, evict=True)
-        return sel

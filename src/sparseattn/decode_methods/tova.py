@@ -9,12 +9,12 @@ import torch
 
 from ..methods.base import check_int, rank_mask
 from ..methods.registry import register
-from .eviction import EvictionMethod, check_prompt_queries, kept_attention
+from .eviction import StepEvictionMethod, kept_attention
 
 
 @register
 @dataclass(kw_only=True)
-class TOVA(EvictionMethod):
+class TOVA(StepEvictionMethod):
     """TOVA (Oren et al., "Transformers are Multi-State RNNs", arXiv 2401.06104; code
     schwartz-lab-NLP/TOVA), spec section 19.3.
 
@@ -61,17 +61,3 @@ class TOVA(EvictionMethod):
         ranked = torch.where(cand, score, torch.full((), float("-inf"), dtype=score.dtype, device=score.device))
         top = rank_mask(ranked, torch.full((B,), self.cache_size, dtype=torch.long, device=score.device)) & cand
         self._commit(st, top.unsqueeze(1).expand(B, H, N), [self.cache_size] * B)
-
-    def on_prefill(self, q, cache, layer):
-        """Reduce the prompt to ``cache_size`` tokens by its last query's head-averaged attention."""
-        check_prompt_queries(q, cache, layer)
-        if layer in self.dense_layers or q.shape[0] == 0 or q.shape[2] == 0:
-            return
-        st = self._prepare(cache, layer)
-        self._observe(q, cache, layer, st, evict=self._evicting(cache, layer))
-
-    def _select(self, q, cache, layer):
-        st = self._prepare(cache, layer)
-        sel = self._selection(st, cache)  # what this step reads: kept + new tokens
-        self._observe(q, cache, layer, st, evict=True)
-        return sel
