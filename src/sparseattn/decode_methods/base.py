@@ -122,6 +122,23 @@ def gather_keys(cache: PagedKVCache, layer: int) -> torch.Tensor:
     return k.permute(0, 2, 1, 3, 4).reshape(B, H, nP * P, D)
 
 
+def page_dot(q: torch.Tensor, cache: PagedKVCache, layer: int, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, Hkv, G * Lq, max_pages]``: each query row of ``q [B, Hkv, G * Lq, D]`` (already grouped
+    by KV head) times the page metadata ``name`` (a ``[D]`` vector per page and KV head) of its head.
+
+    The metadata is gathered through the page table as ``[B, max_pages, Hkv * D]`` (one contiguous
+    gather) and multiplied by a block-diagonal query ``[B, Hkv * G * Lq, Hkv * D]`` in one batched
+    matmul: no strided copy of the gathered pages (which cost several times the gather at 128K),
+    at ``Hkv`` times the (tiny) FLOPs. Pages past a sequence's end hold garbage: mask them.
+    """
+    B, Hkv, R, D = q.shape
+    meta = cache.page_meta_pool(layer, name)[cache.page_table.long()]  # [B, maxP, Hkv, D]
+    meta = meta.to(dtype).reshape(B, meta.shape[1], Hkv * D)
+    eye = torch.eye(Hkv, dtype=dtype, device=q.device).view(1, Hkv, 1, Hkv, 1)
+    qbd = (q.to(dtype).unsqueeze(3) * eye).reshape(B, Hkv * R, Hkv * D)  # q of head h in block h
+    return torch.bmm(qbd, meta.transpose(1, 2)).view(B, Hkv, R, -1)
+
+
 def token_valid(cache: PagedKVCache, layer: int, n: int) -> torch.Tensor:
     """bool ``[B, 1, n]``: position ``j`` holds a token of sequence ``b`` (``j < len_b``)."""
     lengths = cache.layer_lengths(layer).long()

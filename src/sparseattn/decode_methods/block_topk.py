@@ -10,7 +10,7 @@ import torch
 from ..decode_api import DecodeSelection
 from ..methods.base import check_int, rank_mask
 from ..methods.registry import register
-from .base import DecodeMethod, score_dtype
+from .base import DecodeMethod, page_dot, score_dtype
 
 
 @register
@@ -72,9 +72,8 @@ class BlockTopKDecode(DecodeMethod):
         B, Hq, Lq, D = q.shape
         Hkv = cache.num_kv_heads
         dt = score_dtype(q)
-        kbar = cache.page_meta(layer, "mean").to(dt)  # [B, Hkv, maxP, D]
         qbar = q.to(dt).reshape(B, Hkv, (Hq // Hkv) * Lq, D).mean(2, keepdim=True)  # [B, Hkv, 1, D]
-        return torch.matmul(qbar, kbar.transpose(-1, -2)).squeeze(2)
+        return page_dot(qbar, cache, layer, "mean", dt).squeeze(2)  # . mean key of each page
 
     def _select(self, q, cache, layer):
         P, Lq = cache.page_size, q.shape[2]

@@ -10,7 +10,7 @@ import torch
 from ..decode_api import DecodeSelection
 from ..methods.base import check_choice, check_int, rank_mask
 from ..methods.registry import register
-from .base import DecodeMethod
+from .base import DecodeMethod, page_dot
 
 GQA_POLICIES = ("group_max", "group_sum", "per_q_head")
 
@@ -70,10 +70,13 @@ class Quest(DecodeMethod):
         B, Hq, Lq, D = q.shape
         Hkv = cache.num_kv_heads
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        mn = cache.page_meta(layer, "min").to(dt)  # [B, Hkv, maxP, D]
-        mx = cache.page_meta(layer, "max").to(dt)
-        qg = q.to(dt).reshape(B, Hkv, (Hq // Hkv) * Lq, D)
-        u = torch.matmul(qg.clamp(min=0), mx.transpose(-1, -2)) + torch.matmul(qg.clamp(max=0), mn.transpose(-1, -2))
+        # Half-precision caches: multiply the min/max pages in their own dtype (fp32 accumulation,
+        # one rounding of each bound) - converting every page's min/max to float32 first cost
+        # several times the bytes the selection has to read.
+        mt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dt
+        qg = q.reshape(B, Hkv, (Hq // Hkv) * Lq, D)
+        u = page_dot(qg.clamp(min=0), cache, layer, "max", mt).to(dt) + page_dot(qg.clamp(max=0), cache, layer, "min",
+                                                                                 mt).to(dt)
         return u.view(B, Hkv, Hq // Hkv, Lq, -1)
 
     def _select(self, q, cache, layer):
