@@ -25,13 +25,14 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from .bench._env import device_name
 
 DEFAULT_METHODS = "xattention,flexprefill,power,moa"
 ORACLE = "oracle@95%"
@@ -103,19 +104,6 @@ def _command(args) -> str:
     if args.device_given:
         parts += ["--device", str(args.device)]
     return shlex.join(parts)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
 
 
 def _table(methods: dict) -> str:
@@ -265,7 +253,7 @@ def run(args) -> int:
     command = _command(args)
     haystack = str(args.haystack) if args.haystack else f"generated (seed {args.seed})"
     result = {
-        "model": str(args.model), "model_class": type(model).__name__, "device": _device_name(device),
+        "model": str(args.model), "model_class": type(model).__name__, "device": device_name(device),
         "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "measure_dtype": "float32", "length": args.length, "block_size": args.block_size,
         "haystack": haystack, **geo,

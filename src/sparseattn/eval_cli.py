@@ -187,13 +187,13 @@ def run(args) -> int:
     wall = time.perf_counter() - t0
     import transformers
 
-    from .demo import _device_name
+    from .bench._env import device_name
 
     info = {
         "command": f"`{command}`",
         "model": f"{args.model} ({type(model).__name__}, {model.config.num_hidden_layers} layers, "
                  f"{str(next(model.parameters()).dtype).removeprefix('torch.')})",
-        "device": _device_name(device),
+        "device": device_name(device),
         "haystack": args.haystack or f"generated (seed {args.seed})",
         "prompt format": args.prompt_format,
         "decode": "prefill methods: the model's dense decoding; decode:NAME methods: dense prefill, sparse decode "

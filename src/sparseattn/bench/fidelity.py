@@ -43,6 +43,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import _env
+
 DEFAULT_OUT = "runs/bench_fidelity"
 DEFAULT_LENGTHS = "4k,8k"
 DEFAULT_ORACLE_MASSES = "0.9,0.95"
@@ -189,20 +191,6 @@ def _git_commit() -> str:
         return commit + ("-dirty" if dirty else "")
     except Exception:
         return "unknown"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    n = torch.get_num_threads()
-    return f"cpu ({cpu}, {n} thread{'s' if n != 1 else ''}, {os.cpu_count()} cores visible)"
 
 
 def _peak_rss_mb() -> float:
@@ -636,7 +624,7 @@ def run(args) -> int:
             "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "measure_dtype": "float32", "haystack": haystack, "block_size": args.block_size}
     res = _load_results(path, meta)
-    device_name = _device_name(device)
+    device_name = _env.device_name(device)
     run_info = {"command": _command(args), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "device": device_name, "commit": os.environ.get("SPARSEATTN_COMMIT") or _git_commit(),
                 "torch": torch.__version__, "transformers": transformers.__version__,
