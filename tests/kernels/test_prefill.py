@@ -223,6 +223,25 @@ def test_empty_batch_and_lengths(backend):
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Lq,Lk", [(400, 400), (333, 465)])
+def test_wide_band_plans_with_interior_blocks(backend, Lq, Lk):
+    """Per-head bands wide enough that whole blocks lie inside the sink or inside every row's
+    window (the kernel runs those without element masks), plus dense rows (no window)."""
+    from sparseattn.methods.base import band_plan
+
+    B, Hq, Hkv, D = 2, 4, 2, 32
+    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, LOW_PRECISION, DEVICE, seed=3)
+    sink = torch.tensor([[64, 0, 100, 128], [32, 64, 0, 7]], device=DEVICE)
+    window = torch.tensor([[200, 130, 64, 1], [96, 256, 500, 33]], device=DEVICE)
+    nQ = -(-Lq // 32)
+    dense_rows = (torch.arange(nQ, device=DEVICE) % 5 == 2).view(1, 1, nQ) & (torch.arange(Hq, device=DEVICE) == 1).view(1, Hq, 1)
+    plan = band_plan(sink, window, block_size=32, q_len=Lq, k_len=Lk, dense_rows=dense_rows)
+    out, lse = block_sparse_attention(q, k, v, plan, backend=backend, return_lse=True)
+    ref, ref_lse, pt = references(q, k, v, plan)
+    assert_tolerance(out, lse, ref, ref_lse, pt)
+
+
 @needs_triton
 def test_kernel_writes_every_element():
     from sparseattn.kernels.prefill_triton import attention_triton

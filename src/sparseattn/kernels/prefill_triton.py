@@ -217,18 +217,40 @@ def _block_sparse_fwd(
         # longer prefix; count both (a few vector loads) instead of branching per block.
         n_full = count * 0
         n_vis = count * 0
+        n_sink_full = count * 0
+        n_outside_window = count * 0
         for c in range(0, count, COUNT_CHUNK):
             offs_c = c + tl.arange(0, COUNT_CHUNK)
             blk = tl.load(idx_row + offs_c * stride_ik, mask=offs_c < count, other=2147483647)
             n_full += tl.sum((blk < full_blocks).to(tl.int32))
             n_vis += tl.sum((blk < vis_blocks).to(tl.int32))
-        if HAS_BAND:
-            n_full = count * 0
+            if HAS_BAND:
+                # Blocks wholly inside the sink for every key, and blocks not wholly inside every
+                # row's window (a prefix too: the window test weakens as the block index grows).
+                n_sink_full += tl.sum(((blk.to(tl.int64) + 1) * PLAN_BLOCK_K <= sink).to(tl.int32))
+                n_outside_window += tl.sum((last_pos - blk.to(tl.int64) * PLAN_BLOCK_K >= window).to(tl.int32))
+
+    if HAS_BAND and not IS_DENSE:
+        # Band plans: the causal-full prefix splits into [sink blocks | band edge | window interior];
+        # only the edge (and the diagonal blocks after the prefix) need element masks.
+        band_a = tl.minimum(n_sink_full, n_full)
+        band_b = tl.maximum(band_a, tl.minimum(n_outside_window, n_full))
+        acc, l_i, m_i, poison = _walk_blocks(
+            acc, l_i, m_i, poison, q, K, V, k_base, v_base, kv_row0, idx_row, stride_ik, 0, band_a, count,
+            offs_tile_n, offs_d, pos_m, k_len, qk_scale, sink, window, stride_kn, stride_kd, stride_vn, stride_vd,
+            BLOCK_N, PLAN_BLOCK_K, IS_DENSE, False, CAUSAL, HAS_BAND, USE_TMA, DOT_PRECISION, UPCAST_DOT)
+        acc, l_i, m_i, poison = _walk_blocks(
+            acc, l_i, m_i, poison, q, K, V, k_base, v_base, kv_row0, idx_row, stride_ik, band_a, band_b, count,
+            offs_tile_n, offs_d, pos_m, k_len, qk_scale, sink, window, stride_kn, stride_kd, stride_vn, stride_vd,
+            BLOCK_N, PLAN_BLOCK_K, IS_DENSE, True, CAUSAL, HAS_BAND, USE_TMA, DOT_PRECISION, UPCAST_DOT)
+        phase1_begin = band_b
+    else:
+        phase1_begin = n_full * 0
 
     # Phase 1: blocks needing no mask at all; phase 2: blocks cut by the causal diagonal, the key
     # tail or the band.
     acc, l_i, m_i, poison = _walk_blocks(
-        acc, l_i, m_i, poison, q, K, V, k_base, v_base, kv_row0, idx_row, stride_ik, 0, n_full, count,
+        acc, l_i, m_i, poison, q, K, V, k_base, v_base, kv_row0, idx_row, stride_ik, phase1_begin, n_full, count,
         offs_tile_n, offs_d, pos_m, k_len, qk_scale, sink, window, stride_kn, stride_kd, stride_vn, stride_vd,
         BLOCK_N, PLAN_BLOCK_K, IS_DENSE, False, CAUSAL, HAS_BAND, USE_TMA, DOT_PRECISION, UPCAST_DOT)
     acc, l_i, m_i, poison = _walk_blocks(
