@@ -232,15 +232,18 @@ def _merge_splits(
 
 
 # (BLOCK_N, num_warps, num_stages): decode tiles are short in M (the GQA group), so the key tile
-# and the number of loads in flight set the speed. Starting points, not a sweep.
-_CONFIGS_16BIT = {16: (64, 4, 2), 32: (64, 4, 2), 64: (64, 4, 2), 128: (64, 4, 2), 256: (32, 4, 2)}
+# and the number of loads in flight set the speed. D=64/128 from scripts/sweep_decode.py on the
+# H100 (2026-11-22, bf16, 32K/128K, B=1/8, dense and 2048 scattered tokens): with the split
+# rule below, 9/3/64 dense B=8 at 128K 414 -> 274 us, 32/8/128 2048 tokens B=8 60 -> 35 us.
+_CONFIGS_16BIT = {16: (64, 4, 2), 32: (64, 4, 2), 64: (128, 2, 3), 128: (64, 2, 2), 256: (32, 4, 2)}
 _CONFIGS_FP32 = {16: (32, 4, 2), 32: (32, 4, 2), 64: (32, 4, 2), 128: (32, 4, 2), 256: (16, 4, 1)}
 # The interpreter runs tiles as numpy arrays: small tiles that span two 16-token pages.
 _CONFIG_INTERPRET = (32, 4, 1)
 MAX_BLOCK_M = 64  # query rows (G * Lq) per program; more rows go to more programs
 MAX_SPLITS = 128
 # A split reads at least this many selected tokens (the interpreter uses fewer so tests split).
-MIN_TOKENS_PER_SPLIT = 256
+MIN_TOKENS_PER_SPLIT = 64
+PROGRAMS_PER_SM = 4  # split until about this many programs per SM (the sweep: 2 was too few)
 MIN_TOKENS_PER_SPLIT_INTERPRET = 32
 INTERPRET_TARGET_PROGRAMS = 16
 
@@ -268,7 +271,7 @@ def choose_num_splits(programs: int, stream_tokens: int, device: torch.device) -
     if triton_interpreting() or device.type != "cuda":
         target, min_tokens = INTERPRET_TARGET_PROGRAMS, MIN_TOKENS_PER_SPLIT_INTERPRET
     else:
-        target, min_tokens = 2 * _sm_count(device.index), MIN_TOKENS_PER_SPLIT
+        target, min_tokens = PROGRAMS_PER_SM * _sm_count(device.index), MIN_TOKENS_PER_SPLIT
     by_occupancy = -(-target // max(programs, 1))
     by_work = max(1, stream_tokens // min_tokens)
     return max(1, min(by_occupancy, by_work, MAX_SPLITS))

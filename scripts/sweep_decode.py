@@ -1,0 +1,77 @@
+"""Sweep the decode kernel's tile config and split count against SDPA cuDNN (run on a GPU).
+
+    python scripts/sweep_decode.py [--shapes 32/8/128,9/3/64] [--contexts 32768,131072] [--batches 1,8]
+
+For dense decode and a scattered 2048-token page selection (128 random pages of 16 per
+(sequence, KV head), as Quest at budget 2048 picks): every (BLOCK_N, num_warps, num_stages)
+config x split multiplier, timed through CUDA graphs, best rows first. Prints JSON lines too.
+"""
+
+import argparse
+import itertools
+import json
+import math
+
+import torch
+import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from sparseattn.bench.decode import build_cache
+from sparseattn.kernels import decode_triton as dt
+
+p = argparse.ArgumentParser()
+p.add_argument("--shapes", default="32/8/128,9/3/64")
+p.add_argument("--contexts", default="32768,131072")
+p.add_argument("--batches", default="1,8")
+p.add_argument("--budget", type=int, default=2048)
+p.add_argument("--top", type=int, default=4)
+args = p.parse_args()
+
+
+def bench(fn):
+    return triton.testing.do_bench_cudagraph(fn, rep=30)
+
+
+for shape, L, B in itertools.product(args.shapes.split(","), map(int, args.contexts.split(",")),
+                                     map(int, args.batches.split(","))):
+    Hq, Hkv, D = (int(x) for x in shape.split("/"))
+    cache = build_cache(B, Hkv, D, L, torch.bfloat16, "cuda", 16)
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16)
+    kp, vp, table, lengths = cache.k_pages(1), cache.v_pages(1), cache.page_table_storage, cache.layer_lengths(1)
+    kd, vd = cache.gather(1)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, kd, vd, enable_gqa=True))
+    del kd, vd
+    n_pages = -(-L // 16)
+    sel_pages = args.budget // 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pages = torch.rand(B, Hkv, n_pages, device="cuda", generator=g).argsort(-1)[..., :sel_pages].sort(-1).values
+    pages = pages.to(torch.int32).contiguous()
+    counts = torch.full((B, Hkv), sel_pages, dtype=torch.int32, device="cuda")
+    cases = {"dense": dict(dense=True, dense_pages=n_pages),
+             f"pages{args.budget}": dict(pages=pages, page_counts=counts)}
+    for case, sel in cases.items():
+        width = n_pages * 16 if case == "dense" else args.budget
+        rows = (Hq // Hkv)
+        auto = dt.choose_num_splits(B * Hkv * math.ceil(rows / max(16, rows)), width, q.device)
+        results = []
+        for block_n, warps, stages, mult in itertools.product((32, 64, 128), (2, 4, 8), (2, 3),
+                                                              (0.5, 1, 2, 4)):
+            splits = max(1, int(auto * mult))
+            try:
+                t = bench(lambda: dt.decode_attention_triton(q, kp, vp, table, lengths, page_size=16, num_splits=splits,
+                                                             config=(block_n, warps, stages), **sel))
+            except Exception as exc:  # out of resources etc.
+                continue
+            results.append((t, block_n, warps, stages, splits))
+        default = bench(lambda: dt.decode_attention_triton(q, kp, vp, table, lengths, page_size=16, **sel))
+        results.sort()
+        kv_bytes = 2 * B * Hkv * width * D * 2
+        print(f"== {shape} L={L} B={B} {case}: sdpa {sdpa*1e3:.1f} us, ours default {default*1e3:.1f} us "
+              f"(auto splits {auto}, config {dt.default_config(D, torch.bfloat16)})")
+        for t, bn, w, s, sp in results[:args.top]:
+            print(f"   {t*1e3:7.1f} us  {kv_bytes/(t*1e-3)/1e12:5.2f} TB/s  BLOCK_N={bn} warps={w} stages={s} splits={sp}")
+        print(json.dumps({"shape": shape, "L": L, "B": B, "case": case, "sdpa_ms": sdpa, "default_ms": default,
+                          "auto_splits": auto, "best": results[:args.top]}))
+    del cache
+    torch.cuda.empty_cache()
