@@ -11,6 +11,7 @@ from .api import block_sparse_attention
 from .cache import PagedKVCache
 from .decode_api import DecodeSelection, sparse_decode_attention
 from .methods import LayerMethods, get_method, list_methods, sparse_attention
+from .methods.graphs import set_estimator_graphs
 from .plan import BlockPlan
 
 __version__ = "0.1.0"
@@ -38,4 +39,5 @@ def patch(model, prefill="xattention", decode="dense", **overrides):
 
 
 __all__ = ["BlockPlan", "DecodeSelection", "LayerMethods", "PagedKVCache", "block_sparse_attention", "get_method",
-           "list_methods", "load_model", "patch", "sparse_attention", "sparse_decode_attention", "__version__"]
+           "list_methods", "load_model", "patch", "set_estimator_graphs", "sparse_attention",
+           "sparse_decode_attention", "__version__"]

@@ -16,8 +16,10 @@ loops over blocks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence, Tuple, Union
 
@@ -36,6 +38,17 @@ PerHead = Union[float, int, Sequence[float], Sequence[Sequence[float]]]
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def use_triton_estimator(x: torch.Tensor) -> bool:
+    """True when an estimator should run its Triton kernels for tensors like ``x``: CUDA tensors
+    with a working Triton. Elsewhere (CPU) the PyTorch code runs; it is also the tests' oracle.
+    ``SPARSEATTN_ESTIMATORS=torch`` forces the PyTorch code on CUDA too (for comparisons)."""
+    if not x.is_cuda or os.environ.get("SPARSEATTN_ESTIMATORS", "").lower() == "torch":
+        return False
+    from ..kernels.dispatch import triton_environment_reason
+
+    return triton_environment_reason(x.device) is None
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -115,12 +128,18 @@ def head_values(value, *, name: str, heads: int, q_heads: int, kv_heads: int, la
             hint = f"give a scalar or {q_heads} (Hq) or {kv_heads} (Hkv) values"
         raise ValueError(f"{name} has {n} per-head values but this plan has {heads} heads "
                          f"(Hq={q_heads}, Hkv={kv_heads}); {hint}")
-    t = torch.tensor(value, dtype=dtype)
-    if torch.device(device).type == "cuda":  # pinned + non_blocking: no host sync for the upload
-        t = t.pin_memory().to(device, non_blocking=True)
+    if torch.device(device).type == "cuda":
+        # Uploaded once per (values, device): no host sync and no host-to-device copy per call, so
+        # an estimator stays capturable in a CUDA graph (methods/graphs.py). Cloned: callers own it.
+        t = _device_constant(value, dtype, str(torch.device(device))).clone()
     else:
-        t = t.to(device)
+        t = torch.tensor(value, dtype=dtype, device=device)
     return t if n == heads else t.repeat_interleave(q_heads // kv_heads)
+
+
+@functools.lru_cache(maxsize=512)
+def _device_constant(values: tuple, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- block geometry
@@ -375,6 +394,12 @@ class PrefillMethod:
             # Nothing to attend: any plan of the right shape; dense is the obvious one.
             return BlockPlan.dense(1, 1, block_q=self.block_size, block_k=self.block_size, q_len=Lq, k_len=Lk,
                                    causal=causal, device=q.device)
+        if not self.static and q.is_cuda:  # replay a captured graph: the host cost is one launch
+            from .graphs import graphed_plan
+
+            plan = graphed_plan(self, q, k, v, causal=causal, layer_idx=layer_idx)
+            if plan is not None:
+                return plan
         return self._plan(q, k, v, causal=causal, layer_idx=layer_idx)
 
     def _plan(self, q, k, v, *, causal: bool, layer_idx: Optional[int]) -> BlockPlan:

@@ -1,0 +1,128 @@
+"""CUDA-graph replay of estimators (methods/graphs.py): the replayed plan is the eager plan.
+
+On CUDA every value-dependent method's plan through a captured graph must equal its eager plan,
+follow new input values, and not change plans already returned. The CPU tests check what does
+not need a GPU: graphs never apply to CPU tensors, the switch, and that the cache key separates
+configs and shapes.
+"""
+
+import logging
+
+import pytest
+import torch
+
+import sparseattn as sa
+from sparseattn.methods import graphs
+from sparseattn.methods.base import PrefillMethod
+from sparseattn.plan import BlockPlan
+
+from ..conftest import requires_cuda
+
+GRAPHED = ["block_topk", "xattention", "flexprefill", "vertical_slash", "proxy", "pbs", "hip", "sale", "anchor",
+           "duo"]
+
+
+def plans_equal(a: BlockPlan, b: BlockPlan) -> bool:
+    if (a.block_q, a.block_k, a.q_len, a.k_len) != (b.block_q, b.block_k, b.q_len, b.k_len):
+        return False
+    for name in ("kv_counts", "band_sink", "band_window", "extra_counts"):
+        x, y = getattr(a, name), getattr(b, name)
+        if (x is None) != (y is None) or (x is not None and not torch.equal(x.expand_as(y), y)):
+            return False
+    # Only the listed entries of each row matter (padding after the count is free).
+    return torch.equal(a.block_mask(), b.block_mask()) and (
+        a.extra_counts is None or torch.equal(a.to_dense_mask(), b.to_dense_mask()))
+
+
+def qkv(seed, device, L=700, dtype=torch.bfloat16):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(1, 6, L, 64, generator=g).to(device, dtype)
+    k = torch.randn(1, 2, L, 64, generator=g).to(device, dtype)
+    v = torch.randn(1, 2, L, 64, generator=g).to(device, dtype)
+    return q, k, v
+
+
+@pytest.fixture
+def graphs_on():
+    graphs.clear_estimator_graphs()
+    sa.set_estimator_graphs(True)
+    yield
+    sa.set_estimator_graphs(True)
+    graphs.clear_estimator_graphs()
+
+
+# ----------------------------------------------------------------------------- CPU
+def test_graphs_never_apply_to_cpu_tensors(graphs_on):
+    q, k, v = qkv(0, "cpu", L=300, dtype=torch.float32)
+    method = sa.get_method("block_topk", topk=3)
+    assert graphs.graphed_plan(method, q, k, v, causal=True, layer_idx=None) is None
+    assert len(graphs._graphs) == 0
+    plan = method.plan(q, k, v)
+    assert plan.kv_counts.device.type == "cpu" and len(graphs._graphs) == 0
+
+
+def test_switch_validates_and_clears(graphs_on):
+    with pytest.raises(ValueError, match="must be a bool"):
+        sa.set_estimator_graphs("yes")
+    graphs._graphs[("x",)] = None
+    sa.set_estimator_graphs(False)
+    assert not graphs.estimator_graphs_enabled() and len(graphs._graphs) == 0
+
+
+def test_key_separates_configs_shapes_and_layers():
+    q, k, v = qkv(0, "cpu", L=300, dtype=torch.float32)
+    a = graphs._key(sa.get_method("block_topk", topk=3), q, k, v, True, None)
+    assert a == graphs._key(sa.get_method("block_topk", topk=3), q, k, v, True, None)
+    assert a != graphs._key(sa.get_method("block_topk", topk=4), q, k, v, True, None)
+    assert a != graphs._key(sa.get_method("block_topk", topk=3), q[:, :, :200], k, v, True, None)
+    assert a != graphs._key(sa.get_method("block_topk", topk=3), q, k, v, True, 3)
+    assert a != graphs._key(sa.get_method("block_topk", topk=3), q.double(), k.double(), v.double(), True, None)
+
+
+def test_copy_plan_is_independent():
+    plan = BlockPlan.from_block_mask(torch.ones(1, 2, 3, 3, dtype=torch.bool), block_q=16, block_k=16, q_len=40,
+                                     k_len=40, causal=True)
+    copy = graphs._copy_plan(plan)
+    assert plans_equal(plan, copy) and copy.kv_indices.data_ptr() != plan.kv_indices.data_ptr()
+
+
+# ----------------------------------------------------------------------------- GPU
+@requires_cuda
+@pytest.mark.parametrize("name", GRAPHED)
+def test_graphed_plan_equals_eager_and_follows_inputs(graphs_on, name):
+    method = sa.get_method(name)
+    q1, k1, v1 = qkv(1, "cuda")
+    q2, k2, v2 = qkv(2, "cuda")
+    sa.set_estimator_graphs(False)
+    eager1, eager2 = method.plan(q1, k1, v1), method.plan(q2, k2, v2)
+    sa.set_estimator_graphs(True)
+    first = method.plan(q1, k1, v1)  # captures
+    assert len(graphs._graphs) == 1 and graphs._graphs[next(iter(graphs._graphs))] is not None, name
+    kept = graphs._copy_plan(first)
+    second = method.plan(q2, k2, v2)  # replays with new values
+    assert plans_equal(first, eager1), name
+    assert plans_equal(second, eager2), name
+    assert plans_equal(first, kept), f"{name}: a later replay changed a plan already returned"
+    assert plans_equal(method.plan(q1, k1, v1), eager1), name
+
+
+class _SyncingMethod(PrefillMethod):
+    name = "test_syncing"
+
+    def _plan(self, q, k, v, *, causal, layer_idx):
+        n = int(q.float().abs().sum() > 0)  # a host sync: the capture refuses it
+        mask = torch.ones(1, 1, -(-q.shape[2] // 64), -(-k.shape[2] // 64), dtype=torch.bool, device=q.device)
+        return BlockPlan.from_block_mask(mask & bool(n), block_q=64, block_k=64, q_len=q.shape[2], k_len=k.shape[2],
+                                         causal=causal)
+
+
+@requires_cuda
+def test_uncapturable_method_falls_back_to_eager(graphs_on, caplog):
+    method = _SyncingMethod()
+    q, k, v = qkv(3, "cuda", L=200)
+    with caplog.at_level(logging.WARNING, logger="sparseattn"):
+        plan = method.plan(q, k, v)
+    assert "without a CUDA graph" in caplog.text
+    assert list(graphs._graphs.values()) == [None]
+    assert torch.equal(plan.kv_counts.cpu(), torch.tensor([[[1, 2, 3, 4]]], dtype=torch.int32))
+    assert plans_equal(method.plan(q, k, v), plan)  # the next call goes straight to eager
