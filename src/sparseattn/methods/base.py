@@ -477,17 +477,28 @@ class ScoreBasedMethod(PrefillMethod):
         if self.gqa_policy == "group_sum":
             scores = scores.view(B, Hkv, G, nQ, nK).sum(2)
         heads = scores.shape[1]
-        visible = visible_blocks(**geo, causal=causal, device=q.device)
-        forced = forced_blocks(**geo, sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
-                               diagonal=self.keep_diagonal, device=q.device)
         mode, value = self.budget()
         if mode == "topk":
             k_h = head_values(value, name="topk", heads=heads, q_heads=Hq, kv_heads=Hkv, layer_idx=layer_idx,
                               device=q.device, dtype=torch.int64)
-            keep = select_topk(scores, visible, forced, k_h)
         else:
             tau = head_values(value, name="threshold", heads=heads, q_heads=Hq, kv_heads=Hkv,
                               layer_idx=layer_idx, device=q.device, dtype=scores.dtype)
+        if self.gqa_policy != "group_union" and use_triton_estimator(q):
+            from ..kernels.select_triton import MAX_KEY_BLOCKS, SCORE_DTYPES, select_blocks_triton
+
+            if scores.dtype in SCORE_DTYPES and nK <= MAX_KEY_BLOCKS:
+                # One kernel: selection + compaction, no sort and no [nQ, nK] masks.
+                counts, indices = select_blocks_triton(
+                    scores, **geo, causal=causal, sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
+                    diagonal=self.keep_diagonal, mode=mode, values=k_h if mode == "topk" else tau)
+                return BlockPlan(counts, indices, **geo)
+        visible = visible_blocks(**geo, causal=causal, device=q.device)
+        forced = forced_blocks(**geo, sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
+                               diagonal=self.keep_diagonal, device=q.device)
+        if mode == "topk":
+            keep = select_topk(scores, visible, forced, k_h)
+        else:
             keep = select_threshold(scores, visible, forced, tau)
         if self.gqa_policy == "group_union":
             keep = keep.view(B, Hkv, G, nQ, nK).any(2)
