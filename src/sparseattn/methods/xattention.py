@@ -9,7 +9,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .base import ESTIMATE_CHUNK_ELEMENTS, PerHead, ScoreBasedMethod, cdiv, check_float, check_int, check_per_head
+from .base import (ESTIMATE_CHUNK_ELEMENTS, PerHead, ScoreBasedMethod, cdiv, check_float, check_int, check_per_head,
+                   use_triton_estimator)
 from .registry import register
 
 
@@ -107,5 +108,10 @@ class XAttention(ScoreBasedMethod):
         return ("threshold", self.threshold)
 
     def score(self, q, k, *, causal):
+        if use_triton_estimator(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            from ..kernels.xattention_triton import antidiagonal_block_scores_triton
+
+            return antidiagonal_block_scores_triton(q, k, block=self.block_size, stride=self.stride, causal=causal,
+                                                    norm=self.norm)
         return antidiagonal_block_scores(q, k, block=self.block_size, stride=self.stride, causal=causal,
                                          norm=self.norm)
