@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..decode_api import DecodeSelection
-from ..methods.base import check_int, rank_mask
+from ..methods.base import check_int, rank_mask, use_triton_estimator
 from ..methods.registry import register
 from .base import DecodeMethod, page_dot, score_dtype
 
@@ -77,6 +77,11 @@ class BlockTopKDecode(DecodeMethod):
 
     def _select(self, q, cache, layer):
         P, Lq = cache.page_size, q.shape[2]
+        if q.dtype != torch.float64 and use_triton_estimator(q):
+            from ..kernels.page_score_triton import block_topk_select_triton  # fused scores, top-k, no sort
+
+            return block_topk_select_triton(q, cache, layer, topk_pages=self.topk_pages, sink=self.sink,
+                                            local=self.local)
         maxP = cache.max_pages
         dev = q.device
         N = cache.layer_lengths(layer).long()

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..decode_api import DecodeSelection
-from ..methods.base import check_choice, check_int, rank_mask
+from ..methods.base import check_choice, check_int, rank_mask, use_triton_estimator
 from ..methods.registry import register
 from .base import DecodeMethod, page_dot
 
@@ -85,6 +85,10 @@ class Quest(DecodeMethod):
         dev = q.device
         G = q.shape[1] // cache.num_kv_heads
         budget = self.page_budget(P)
+        if self.gqa_policy != "per_q_head" and q.dtype != torch.float64 and use_triton_estimator(q):
+            from ..kernels.page_score_triton import quest_select_triton  # fused scores, top-k, no sort
+
+            return quest_select_triton(q, cache, layer, page_budget=budget, gqa_policy=self.gqa_policy)
         N = cache.layer_lengths(layer).long()
         n_pages = torch.div(N + P - 1, P, rounding_mode="floor").view(-1, 1, 1)
         first_forced = torch.div((N - Lq).clamp(min=0), P, rounding_mode="floor").view(-1, 1, 1)
