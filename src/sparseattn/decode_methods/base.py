@@ -29,7 +29,7 @@ import torch
 
 from ..cache import PagedKVCache
 from ..decode_api import DecodeSelection, check_decode_inputs
-from ..methods.base import check_int
+from ..methods.base import check_int, use_triton_estimator
 
 
 def check_layers(name: str, value) -> Tuple[int, ...]:
@@ -158,9 +158,15 @@ def exact_logits(q: torch.Tensor, cache: PagedKVCache, layer: int, scale: Option
     Hkv = cache.num_kv_heads
     G = Hq // Hkv
     dt = score_dtype(q)
+    scale = D ** -0.5 if scale is None else scale
+    fused = (torch.float16, torch.bfloat16, torch.float32)
+    if q.dtype in fused and cache.dtype in fused and use_triton_estimator(q):  # K read once, via the page table
+        from ..kernels.decode_logits_triton import paged_logits_triton
+
+        return paged_logits_triton(q, cache.k_pages(layer), cache.page_table, cache.layer_lengths(layer),
+                                   page_size=cache.page_size, scale=scale)
     k = gather_keys(cache, layer)  # [B, Hkv, N, D], in the cache dtype
     N = k.shape[2]
-    scale = D ** -0.5 if scale is None else scale
     # Half-precision caches: the product runs in the cache dtype (fp32 accumulation in the matmul, one
     # rounding of each logit), never converting every key to float32 - the keys are the bytes that cost.
     qg = q.reshape(B, Hkv, G * Lq, D) if q.dtype in (torch.float16, torch.bfloat16) else q.to(dt).reshape(B, Hkv, G * Lq, D)
@@ -174,6 +180,13 @@ def exact_logits(q: torch.Tensor, cache: PagedKVCache, layer: int, scale: Option
 
 def exact_probs(q: torch.Tensor, cache: PagedKVCache, layer: int, scale: Optional[float] = None) -> torch.Tensor:
     """Softmax of :func:`exact_logits`: ``[B, Hkv, G, Lq, N]``, 0 where masked."""
+    fused = (torch.float16, torch.bfloat16, torch.float32)
+    if q.dtype in fused and cache.dtype in fused and use_triton_estimator(q):
+        # Logits plus each row's max / sum-exp in one pass over K, then normalised in place.
+        from ..kernels.decode_logits_triton import paged_probs_triton
+
+        return paged_probs_triton(q, cache.k_pages(layer), cache.page_table, cache.layer_lengths(layer),
+                                  page_size=cache.page_size, scale=q.shape[-1] ** -0.5 if scale is None else scale)
     return torch.softmax(exact_logits(q, cache, layer, scale), dim=-1).nan_to_num(0.0)
 
 

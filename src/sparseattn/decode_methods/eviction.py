@@ -36,7 +36,7 @@ import torch
 
 from ..cache import PagedKVCache
 from ..decode_api import DecodeSelection, check_decode_inputs
-from ..methods.base import ESTIMATE_CHUNK_ELEMENTS
+from ..methods.base import ESTIMATE_CHUNK_ELEMENTS, use_triton_estimator
 from .base import DecodeMethod, gather_keys, score_dtype, token_valid
 
 # How the per-query-head scores of a GQA group become one score per KV head (KVCache-Factory's
@@ -88,8 +88,7 @@ def kept_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, keep: torch
     Hkv = cache.num_kv_heads
     G = Hq // Hkv
     dt = score_dtype(q)
-    k = gather_keys(cache, layer).to(dt)  # [B, Hkv, N, D]
-    N = k.shape[2]
+    N = cache.max_pages * cache.page_size
     dev = q.device
     scale = D ** -0.5 if scale is None else scale
     blocked = ~keep[..., :N].reshape(B, Hkv, 1, 1, N)
@@ -97,14 +96,28 @@ def kept_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, keep: torch
     pos = torch.arange(N, device=dev).view(1, 1, 1, 1, N)
     rows = chunk_rows if chunk_rows is not None else max(1, ESTIMATE_CHUNK_ELEMENTS // max(1, B * Hq * N))
     out = torch.zeros(B, Hkv, G, N, dtype=dt, device=dev)
-    qd = q.to(dt)
-    kt = k.transpose(-1, -2)
+    fused_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    fused = q.dtype in fused_dtypes and cache.dtype in fused_dtypes and use_triton_estimator(q)
+    if fused:  # q.k read straight from the pages (no gathered copy of K); keep mask + softmax stay here
+        from ..kernels.decode_logits_triton import paged_logits_triton
+
+        k_pages, table, lens = cache.k_pages(layer), cache.page_table, cache.layer_lengths(layer)
+    else:
+        qd = q.to(dt)
+        kt = gather_keys(cache, layer).to(dt).transpose(-1, -2)  # [B, Hkv, D, N]
     for start in range(0, L, rows):
         c = min(rows, L - start)
-        qc = qd[:, :, start:start + c].reshape(B, Hkv, G * c, D)
-        logits = torch.matmul(qc, kt).view(B, Hkv, G, c, N) * scale
-        qpos = lengths - L + start + torch.arange(c, device=dev).view(1, 1, 1, c, 1)
-        logits = logits.masked_fill(blocked | (pos > qpos), float("-inf"))
+        if fused:
+            # The chunk's last row sits L - start - c before the sequence's end: lengths cut by that
+            # much align it (the tokens cut off are in the future of every row of the chunk anyway).
+            logits = paged_logits_triton(q[:, :, start:start + c], k_pages, table, lens - (L - start - c),
+                                         page_size=cache.page_size, scale=scale)
+            logits = logits.masked_fill(blocked, float("-inf"))
+        else:
+            qc = qd[:, :, start:start + c].reshape(B, Hkv, G * c, D)
+            logits = torch.matmul(qc, kt).view(B, Hkv, G, c, N) * scale
+            qpos = lengths - L + start + torch.arange(c, device=dev).view(1, 1, 1, c, 1)
+            logits = logits.masked_fill(blocked | (pos > qpos), float("-inf"))
         out += torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(3)
     return out
 
