@@ -147,6 +147,8 @@ def test_xattention_score_dispatch(monkeypatch):
     method = get_method("xattention", block_size=32, stride=8, norm=2.0)
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(1, 3, 100, 16, generator=g), torch.randn(1, 1, 100, 16, generator=g)
+    if torch.cuda.is_available():  # compiled there; the interpreter runs the CPU tensors elsewhere
+        q, k = q.cuda(), k.cuda()
     out = method.score(q, k, causal=True)
     assert calls == [1]
     ref = antidiagonal_block_scores(q, k, block=32, stride=8, causal=True, norm=2.0)

@@ -22,6 +22,10 @@ pytestmark = [pytest.mark.skipif(not triton_importable(), reason="triton is not 
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 
+# Without CUDA the kernel runs in the interpreter on CPU tensors; with CUDA the same tests run compiled.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _kernel():
     from sparseattn.kernels.select_triton import select_blocks_triton
 
@@ -47,6 +51,7 @@ def check_same(scores, geo, *, causal=True, sink_blocks=1, local_blocks=0, diago
                boundary_ok=False, **kw):
     """Run both paths; return the kernel's plan. ``boundary_ok``: threshold rows may differ only at
     the cut (the mass before every differing block is within 1e-5 relative of tau * total)."""
+    scores, values = scores.to(DEVICE), values.to(DEVICE)
     opts = dict(causal=causal, sink_blocks=sink_blocks, local_blocks=local_blocks, diagonal=diagonal, mode=mode,
                 values=values)
     counts, indices = _kernel()(scores, **geo, **opts, **kw)
@@ -209,15 +214,15 @@ def test_plan_uses_the_kernel(monkeypatch, policy, mode):
     monkeypatch.setattr(st, "select_blocks_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     g = torch.Generator().manual_seed(5)
     for hkv in (2, 6):
-        q = torch.randn(2, 6, 70, 16, generator=g)
-        k = torch.randn(2, hkv, 100, 16, generator=g)
+        q = torch.randn(2, 6, 70, 16, generator=g).to(DEVICE)
+        k = torch.randn(2, hkv, 100, 16, generator=g).to(DEVICE)
         method = get_method("block_topk", block_size=16, selection=mode, topk=[2, 4] * (hkv // 2),
                             threshold=[0.6, 0.9] * (hkv // 2), gqa_policy=policy, local_blocks=1)
         monkeypatch.setattr(base, "use_triton_estimator", lambda x: False)
-        ref = method.plan(q, k, k)
+        ref = method._plan(q, k, k, causal=True, layer_idx=None)  # _plan: no graph replay in between
         monkeypatch.setattr(base, "use_triton_estimator", lambda x: True)
         n = len(calls)
-        plan = method.plan(q, k, k)
+        plan = method._plan(q, k, k, causal=True, layer_idx=None)
         assert len(calls) == n + 1
         plan.validate(causal=True)
         assert plan.kv_counts.shape == ref.kv_counts.shape

@@ -75,11 +75,18 @@ def _capture(method, q, k, v, causal, layer_idx) -> _Graph:
     inputs = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     for dst, src in zip(inputs, (q, k, v)):
         dst.copy_(src)
-    # Warm up on a side stream (Triton compiles, lazy device constants upload), then capture.
+    # Warm up on a side stream (Triton compiles, lazy device constants upload), then capture. The
+    # warm-up runs with host syncs turned into errors: a method that syncs is found here, not by
+    # a failed capture (which can leave the CUDA RNG in capture state).
     side = torch.cuda.Stream(q.device)
     side.wait_stream(torch.cuda.current_stream(q.device))
-    with torch.cuda.stream(side):
-        method._plan(*inputs, causal=causal, layer_idx=layer_idx)
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(side):
+            method._plan(*inputs, causal=causal, layer_idx=layer_idx)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.current_stream(q.device).wait_stream(side)
     pool = _pools.get(q.device)
     if pool is None:  # one pool for all estimator graphs: their temporaries are never live at once
