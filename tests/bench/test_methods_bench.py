@@ -228,7 +228,8 @@ def test_summarize_aggregates_layers():
 
 def test_execute_writes_json_and_the_table(tmp_path, capsys):
     out = tmp_path / "bm.json"
-    cfg = bm.Config(cases=["synthetic"], methods=["streaming", "power"], synthetic_length=256,
+    cfg = bm.Config(cases=["synthetic"], methods=bm.parse_methods("streaming,power,power[block_size=32]"),
+                    synthetic_length=256,
                     synthetic_shape=(4, 2, 32), recall_windows=1, oracle_mass=None, out=str(out))
     res = bm.execute(cfg, _fake_timer([]), "cpu", env={"device": "cpu", "commit": "x", "command": "test"})
     printed = capsys.readouterr().out
@@ -236,7 +237,10 @@ def test_execute_writes_json_and_the_table(tmp_path, capsys):
     assert data == json.loads(json.dumps(res, default=str))
     assert data["env"]["device"] == "cpu" and data["config"]["synthetic_shape"] == [4, 2, 32]
     assert data["cases"][0]["group"] == "synthetic 256 4/2/32"
-    assert [r["method"] for r in data["rows"]] == ["sdpa_cudnn_dense", "ours_dense", "streaming", "power"]
+    assert [r["method"] for r in data["rows"]] == ["sdpa_cudnn_dense", "ours_dense", "streaming", "power",
+                                                   "power[block_size=32]"]
+    dens = {r["method"]: r["density"] for r in data["rows"]}
+    assert dens["power[block_size=32]"] != dens["power"]  # the override reached the method
     assert "power" in printed and "t/(d*dense)" in printed and f"wrote {out}" in printed
 
     # --table-from reprints it as Markdown, no GPU needed
@@ -254,6 +258,7 @@ def test_cli_without_cuda_exits_2_with_a_message(capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--methods", "xattention,nosuch"], "valid prefill methods: dense, streaming"),
+    (["--methods", "xattention[nosuch=1]"], "valid options"),
     (["--cases", "real,bogus"], "valid cases: real, synthetic"),
     (["--synthetic-shape", "5/2/64"], "Hq/Hkv/D"),
     (["--length", "abc"], "--length"),

@@ -1,9 +1,10 @@
-"""Machine description shared by the reports (demo, eval, benchmarks)."""
+"""Shared by the reports and benchmarks: the machine description and the ``--methods`` argument."""
 
 from __future__ import annotations
 
 import os
 import platform
+from typing import Optional
 
 import torch
 
@@ -22,3 +23,29 @@ def device_name(device: torch.device) -> str:
         pass
     n = torch.get_num_threads()
     return f"cpu ({cpu}, {n} thread{'s' if n != 1 else ''}, {os.cpu_count()} cores visible)"
+
+
+def method_objects(text: Optional[str]) -> dict:
+    """``{label: method object}`` for ``--methods`` (default: every registered prefill method at its
+    defaults). ``NAME[option=value,...]`` entries measure a method with other settings next to its
+    defaults; their options are checked now."""
+    from ..eval.runner import parse_methods as parse_specs
+    from ..methods import get_method, list_methods
+
+    valid = list_methods()
+    if text is None:
+        return {name: get_method(name) for name in valid}
+    if not str(text).strip(", "):
+        raise SystemExit(f"--methods {text!r} names no method; valid prefill methods: {', '.join(valid)}")
+    entries = []
+    for raw in str(text).split(","):  # drop repeats of plain names (kept for backward compatibility)
+        if raw.strip() and (raw.strip() not in entries or "[" in raw):
+            entries.append(raw.strip())
+    unknown = [e for e in entries if "[" not in e and "]" not in e and e not in valid]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; valid prefill methods: {', '.join(valid)}")
+    try:
+        specs = parse_specs(",".join(entries))
+    except ValueError as exc:
+        raise SystemExit(f"--methods: {exc}") from None
+    return {spec.label: spec.method() for spec in specs}

@@ -44,6 +44,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import _env
+from ._env import method_objects
 
 DEFAULT_OUT = "runs/bench_fidelity"
 DEFAULT_LENGTHS = "4k,8k"
@@ -105,32 +106,6 @@ def parse_methods(text: Optional[str]) -> List[str]:
     """Method labels: registered names, each optionally with overrides, e.g.
     ``"xattention,xattention[threshold=0.95],sale"`` (see :func:`method_objects`)."""
     return list(method_objects(text))
-
-
-def method_objects(text: Optional[str]) -> dict:
-    """``{label: method object}`` for ``--methods`` (default: every registered prefill method at its
-    defaults). ``NAME[option=value,...]`` entries measure a method with other settings next to its
-    defaults; their options are checked now."""
-    from ..eval.runner import parse_methods as parse_specs
-    from ..methods import get_method, list_methods
-
-    valid = list_methods()
-    if text is None:
-        return {name: get_method(name) for name in valid}
-    if not str(text).strip(", "):
-        raise SystemExit(f"--methods {text!r} names no method; valid prefill methods: {', '.join(valid)}")
-    entries = []
-    for raw in str(text).split(","):  # drop repeats of plain names (kept for backward compatibility)
-        if raw.strip() and (raw.strip() not in entries or "[" in raw):
-            entries.append(raw.strip())
-    unknown = [e for e in entries if "[" not in e and "]" not in e and e not in valid]
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; valid prefill methods: {', '.join(valid)}")
-    try:
-        specs = parse_specs(",".join(entries))
-    except ValueError as exc:
-        raise SystemExit(f"--methods: {exc}") from None
-    return {spec.label: spec.method() for spec in specs}
 
 
 def parse_oracle_masses(text: str) -> List[float]:

@@ -126,21 +126,11 @@ def parse_cases(text: str) -> List[str]:
 
 
 def parse_methods(text: Optional[str]) -> List[str]:
-    from ..methods import list_methods
+    """Method labels: registered names, each optionally with overrides, e.g.
+    ``"block_topk,block_topk[block_size=128,topk=52]"`` (checked now)."""
+    from ._env import method_objects
 
-    valid = list_methods()
-    if text is None:
-        return valid
-    names = []
-    for raw in str(text).split(","):
-        name = raw.strip()
-        if name and name not in names:
-            names.append(name)
-    unknown = [n for n in names if n not in valid]
-    if unknown or not names:
-        raise SystemExit(f"unknown method(s) {unknown or [text]} in --methods; valid prefill methods: "
-                         f"{', '.join(valid)}")
-    return names
+    return list(method_objects(text))
 
 
 def parse_shape(text: str):
@@ -680,11 +670,11 @@ def _real_inputs(cfg: Config, device):
 
 def execute(cfg: Config, timer: Timer, device, env: Optional[dict] = None) -> dict:
     """Run the configured cases on ``device`` with ``timer``; returns the results dict (also in ``cfg.out``)."""
-    from ..methods import get_method
+    from ._env import method_objects
     from .synthetic import structured_qkv
 
     device = torch.device(device)
-    methods = {name: get_method(name) for name in cfg.methods}
+    methods = method_objects(",".join(cfg.methods))
     out = Path(cfg.out)
     res = {"schema": SCHEMA, "env": env or environment(device), "config": dataclasses.asdict(cfg), "cases": [],
            "rows": []}

@@ -233,9 +233,10 @@ def _merge_splits(
 
 # (BLOCK_N, num_warps, num_stages): decode tiles are short in M (the GQA group), so the key tile
 # and the number of loads in flight set the speed. D=64/128 from scripts/sweep_decode.py on the
-# H100 (2026-11-22, bf16, 32K/128K, B=1/8, dense and 2048 scattered tokens): with the split
-# rule below, 9/3/64 dense B=8 at 128K 414 -> 274 us, 32/8/128 2048 tokens B=8 60 -> 35 us.
-_CONFIGS_16BIT = {16: (64, 4, 2), 32: (64, 4, 2), 64: (128, 2, 3), 128: (64, 2, 2), 256: (32, 4, 2)}
+# H100 (2026-11-22, bf16, 32K/128K, B=1/8, dense and 2048 scattered tokens): 9/3/64 dense B=8 at
+# 128K 414 -> 286 us (SDPA 278); 32/8/128 dense B=8 at 128K best (128, 4, 3) with ~20 splits
+# (1.44 ms, SDPA 1.39); (64, 2, 2) was best at B=1 but 1.9 ms at B=8.
+_CONFIGS_16BIT = {16: (64, 4, 2), 32: (64, 4, 2), 64: (128, 2, 3), 128: (128, 4, 3), 256: (32, 4, 2)}
 _CONFIGS_FP32 = {16: (32, 4, 2), 32: (32, 4, 2), 64: (32, 4, 2), 128: (32, 4, 2), 256: (16, 4, 1)}
 # The interpreter runs tiles as numpy arrays: small tiles that span two 16-token pages.
 _CONFIG_INTERPRET = (32, 4, 1)
@@ -243,7 +244,7 @@ MAX_BLOCK_M = 64  # query rows (G * Lq) per program; more rows go to more progra
 MAX_SPLITS = 128
 # A split reads at least this many selected tokens (the interpreter uses fewer so tests split).
 MIN_TOKENS_PER_SPLIT = 64
-PROGRAMS_PER_SM = 4  # split until about this many programs per SM (the sweep: 2 was too few)
+PROGRAMS_PER_SM = 8  # split until about this many programs per SM (the sweep: 2 was too few)
 MIN_TOKENS_PER_SPLIT_INTERPRET = 32
 INTERPRET_TARGET_PROGRAMS = 16
 
