@@ -10,7 +10,7 @@ import torch
 
 from ..plan import BlockPlan
 from .base import (PrefillMethod, cdiv, check_float, check_int, diagonal_sums, forced_blocks, last_queries_attention,
-                   pool_blocks, query_block_positions, rank_mask, sum_pool_last, visible_blocks)
+                   pool_blocks, query_block_positions, rank_mask, sum_pool_last, use_triton_estimator, visible_blocks)
 from .registry import register
 
 
@@ -98,10 +98,18 @@ class FlexPrefill(PrefillMethod):
             return BlockPlan.dense(1, 1, **geo, causal=True, device=dev)
 
         # 1. last-block attention and its vertical / slash profiles
-        a = last_queries_attention(q, k, bs)  # [B, Hq, P, Lk]
-        P = a.shape[2]
-        vertical = a.mean(-2)  # [B, Hq, Lk]
-        slash = diagonal_sums(a) / P  # indexed by the key reached on the last row
+        if use_triton_estimator(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            from ..kernels.last_queries_triton import last_queries_profiles_triton
+
+            # Both profiles in three launches, without the [B, Hq, P, Lk] softmax.
+            P = min(bs, Lq)
+            columns, diagonals = last_queries_profiles_triton(q, k, bs)
+            vertical, slash = columns / P, diagonals / P
+        else:
+            a = last_queries_attention(q, k, bs)  # [B, Hq, P, Lk]
+            P = a.shape[2]
+            vertical = a.mean(-2)  # [B, Hq, Lk]
+            slash = diagonal_sums(a) / P  # indexed by the key reached on the last row
         # 2. budgets in blocks
         tokens_v, tokens_s = _cover_count(vertical, self.gamma), _cover_count(slash, self.gamma)
         if self.legacy_budget:
@@ -112,7 +120,7 @@ class FlexPrefill(PrefillMethod):
         vertical_b = sum_pool_last(vertical, bs)  # [B, Hq, nK]
         slash_b = sum_pool_last(slash, bs)  # slash block t: diagonals reaching key block t on the last row
         # 3. pattern test
-        dt = a.dtype
+        dt = vertical.dtype
         k_pool = pool_blocks(k, bs).to(dt)  # [B, Hkv, nK, D]
         q_last_mean = q[:, :, Lq - P:].to(dt).mean(2)  # [B, Hq, D]
         est = torch.matmul(q_last_mean.view(B, Hkv, G, D), k_pool.transpose(-1, -2)).view(B, Hq, nK)

@@ -9,7 +9,7 @@ import torch
 
 from ..plan import BlockPlan
 from .base import (PerHead, PrefillMethod, cdiv, check_choice, check_int, check_per_head, diagonal_sums, head_values,
-                   last_queries_attention, query_block_positions, rank_mask)
+                   last_queries_attention, query_block_positions, rank_mask, use_triton_estimator)
 from .base import compact_rows as _compact
 from .registry import register
 
@@ -81,11 +81,17 @@ class VerticalSlash(PrefillMethod):
         n_v = n_v.clamp(min=min(self.sink_tokens, Lk)).view(1, Hq)
         n_s = n_s.clamp(min=min(self.local_diagonals, Lk)).view(1, Hq)
 
-        a = last_queries_attention(q, k, self.last_q)  # [B, Hq, P, Lk]
-        inf = torch.full((), float("inf"), dtype=a.dtype, device=dev)
+        if use_triton_estimator(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            from ..kernels.last_queries_triton import last_queries_profiles_triton
+
+            # Both profiles in three launches, without the [B, Hq, P, Lk] softmax.
+            columns, slash = last_queries_profiles_triton(q, k, self.last_q)
+        else:
+            a = last_queries_attention(q, k, self.last_q)  # [B, Hq, P, Lk]
+            columns, slash = a.sum(-2), diagonal_sums(a)  # slash index t: diagonal at distance Lk - 1 - t
+        inf = torch.full((), float("inf"), dtype=columns.dtype, device=dev)
         j = torch.arange(Lk, device=dev)
-        vertical = torch.where(j < self.sink_tokens, inf, a.sum(-2))  # [B, Hq, Lk]
-        slash = diagonal_sums(a)  # index t: diagonal at distance Lk - 1 - t
+        vertical = torch.where(j < self.sink_tokens, inf, columns)  # [B, Hq, Lk]
         slash = torch.where(j >= Lk - self.local_diagonals, inf, slash)
         keep_cols = rank_mask(vertical, n_v)  # [B, Hq, Lk]
         keep_diag = rank_mask(slash, n_s)  # [B, Hq, Lk] over t
