@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..decode_api import DecodeSelection
-from ..methods.base import check_int
+from ..methods.base import check_int, use_triton_estimator
 from ..methods.registry import register
 from .base import DecodeMethod
 
@@ -52,12 +52,19 @@ class StreamingDecode(DecodeMethod):
     def _select(self, q, cache, layer):
         P, Lq, S, W = cache.page_size, q.shape[2], self.sink, self.window
         dev = q.device
+        width_p = max(1, min(-(-(W + Lq - 1) // P) + 1, cache.max_pages))
+        if use_triton_estimator(q):  # one launch instead of ~25 tiny kernels
+            from ..kernels.streaming_select_triton import streaming_select_triton
+
+            pc, pages, tc, toks = streaming_select_triton(cache.layer_lengths(layer), q_len=Lq, sink=S, window=W,
+                                                          page_size=P, width_pages=width_p)
+            sel = DecodeSelection(pc, pages, P)
+            return sel if toks.shape[-1] == 0 else sel.with_tokens(toks, tc)
         N = cache.layer_lengths(layer).long()  # [B]
         B = N.shape[0]
         ws = (N - Lq - W + 1).clamp(min=0)  # window start
         first_page = torch.div(ws + P - 1, P, rounding_mode="floor")  # first page wholly in the window
         n_pages = torch.div(N + P - 1, P, rounding_mode="floor")
-        width_p = max(1, min(-(-(W + Lq - 1) // P) + 1, cache.max_pages))
         pages = first_page.view(-1, 1) + torch.arange(width_p, device=dev).view(1, -1)
         page_counts = (n_pages - first_page).clamp(min=0, max=width_p)
         pages = torch.where(torch.arange(width_p, device=dev).view(1, -1) < page_counts.view(-1, 1), pages,
