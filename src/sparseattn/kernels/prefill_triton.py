@@ -375,6 +375,10 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
     else:
         plan_block_q, plan_block_k = plan.block_q, plan.block_k
         block_m, block_n = min(block_m, plan_block_q), min(block_n, plan_block_k)
+        if block_m < 128 and num_warps > 4:
+            # Tiles cut down to a plan's 64-blocks: 8 warps over a 64-row tile ran 1.7x slower than 4
+            # (H100, 32K, 32/8/128, scripts/sweep_plans.py: block_topk 13.1 -> 7.8 ms, moa 27.5 -> 13.4).
+            num_warps = 4
         plan_batch, plan_head_div = plan.batch, plan.head_divisor(Hq)
         shape = tuple(plan.kv_counts.shape)
         counts = _small_meta(plan.kv_counts, shape)
