@@ -64,19 +64,22 @@ def test_graphs_never_apply_to_cpu_tensors(graphs_on):
 def test_switch_validates_and_clears(graphs_on):
     with pytest.raises(ValueError, match="must be a bool"):
         sa.set_estimator_graphs("yes")
-    graphs._graphs[("x",)] = None
+    graphs._graphs[("x",)] = graphs._SEEN
     sa.set_estimator_graphs(False)
     assert not graphs.estimator_graphs_enabled() and len(graphs._graphs) == 0
 
 
-def test_key_separates_configs_shapes_and_layers():
+def test_key_separates_configs_and_shapes_and_layers_only_for_tables():
     q, k, v = qkv(0, "cpu", L=300, dtype=torch.float32)
     a = graphs._key(sa.get_method("block_topk", topk=3), q, k, v, True, None)
     assert a == graphs._key(sa.get_method("block_topk", topk=3), q, k, v, True, None)
     assert a != graphs._key(sa.get_method("block_topk", topk=4), q, k, v, True, None)
     assert a != graphs._key(sa.get_method("block_topk", topk=3), q[:, :, :200], k, v, True, None)
-    assert a != graphs._key(sa.get_method("block_topk", topk=3), q, k, v, True, 3)
     assert a != graphs._key(sa.get_method("block_topk", topk=3), q.double(), k.double(), v.double(), True, None)
+    # the layers of one forward share a graph, unless a field is a per-(layer, head) table
+    assert a == graphs._key(sa.get_method("block_topk", topk=3), q, k, v, True, 3)
+    table = sa.get_method("block_topk", topk=[[2, 3], [4, 5]])
+    assert graphs._key(table, q, k, v, True, 0) != graphs._key(table, q, k, v, True, 1)
 
 
 def test_copy_plan_is_independent():
@@ -96,14 +99,18 @@ def test_graphed_plan_equals_eager_and_follows_inputs(graphs_on, name):
     sa.set_estimator_graphs(False)
     eager1, eager2 = method.plan(q1, k1, v1), method.plan(q2, k2, v2)
     sa.set_estimator_graphs(True)
-    first = method.plan(q1, k1, v1)  # captures
-    assert len(graphs._graphs) == 1 and graphs._graphs[next(iter(graphs._graphs))] is not None, name
-    kept = graphs._copy_plan(first)
-    second = method.plan(q2, k2, v2)  # replays with new values
-    assert plans_equal(first, eager1), name
-    assert plans_equal(second, eager2), name
-    assert plans_equal(first, kept), f"{name}: a later replay changed a plan already returned"
+    first = method.plan(q1, k1, v1)  # eager (first sight of the key)
+    assert list(graphs._graphs.values()) == [graphs._SEEN], name
+    second = method.plan(q1, k1, v1)  # captures, replays
+    assert isinstance(graphs._graphs[next(iter(graphs._graphs))], graphs._Graph), name
+    kept = graphs._copy_plan(second)
+    third = method.plan(q2, k2, v2)  # replays with new values
+    assert plans_equal(first, eager1) and plans_equal(second, eager1), name
+    assert plans_equal(third, eager2), name
+    assert plans_equal(second, kept), f"{name}: a later replay changed a plan already returned"
     assert plans_equal(method.plan(q1, k1, v1), eager1), name
+    # other layers of the same forward replay the same graph
+    assert plans_equal(method.plan(q2, k2, v2, layer_idx=7), eager2) and len(graphs._graphs) == 1, name
 
 
 class _SyncingMethod(PrefillMethod):
@@ -123,6 +130,17 @@ def test_uncapturable_method_falls_back_to_eager(graphs_on, caplog):
     with caplog.at_level(logging.WARNING, logger="sparseattn"):
         plan = method.plan(q, k, v)
     assert "without a CUDA graph" in caplog.text
-    assert list(graphs._graphs.values()) == [None]
+    assert list(graphs._graphs.values()) == [graphs._EAGER]
     assert torch.equal(plan.kv_counts.cpu(), torch.tensor([[[1, 2, 3, 4]]], dtype=torch.int32))
     assert plans_equal(method.plan(q, k, v), plan)  # the next call goes straight to eager
+
+
+@requires_cuda
+def test_graph_count_is_bounded(graphs_on):
+    method = sa.get_method("block_topk")
+    for L in range(300, 300 + 64 * (graphs.MAX_GRAPHS + 3), 64):
+        q, k, v = qkv(0, "cuda", L=L)
+        method.plan(q, k, v)
+        method.plan(q, k, v)
+    captured = sum(isinstance(x, graphs._Graph) for x in graphs._graphs.values())
+    assert captured == graphs.MAX_GRAPHS

@@ -3,13 +3,17 @@
 An estimator is a few dozen to a few hundred small tensor operations. On the GPU its time is
 mostly the host issuing them (the H100 profile of FlexPrefill at 32K: 5.3 ms wall for 1.9 ms of
 GPU work, 218 kernels), not the GPU running them. The estimators never sync with the host and
-produce fixed-shape plans, so one forward can be captured once per (method config, input shapes)
-and replayed: the host then issues one graph launch, the GPU runs the same kernels.
+produce fixed-shape plans, so a call can be captured once per (method config, input shapes) and
+replayed: the host then issues one graph launch, the GPU runs the same kernels.
 
-:meth:`PrefillMethod.plan` uses this on CUDA for value-dependent methods. Each call copies q, k,
-v into the graph's static inputs, replays, and returns a copy of the plan (a later call does not
-change a plan already returned). A method that cannot be captured (an operation the capture
-refuses) runs eagerly from then on, with one log line. Switch off with
+:meth:`PrefillMethod.plan` uses this on CUDA for value-dependent methods. The first call with a
+new key runs eagerly with host syncs turned into errors (a method that syncs is found there and
+stays eager, with one log line); the second call captures; later calls copy q, k, v into the
+graph's static inputs, replay, and return a copy of the plan (a later call does not change a plan
+already returned). One-off shapes therefore never pay for a capture, and the layers of one
+forward share a graph (``layer_idx`` is part of the key only for per-layer tables). Each graph
+keeps its own memory pool (the estimator's temporaries); at most ``MAX_GRAPHS`` are kept, least
+recently used dropped, and all of them are dropped when an allocation fails. Switch off with
 ``sparseattn.set_estimator_graphs(False)`` or ``SPARSEATTN_ESTIMATOR_GRAPHS=0``.
 """
 
@@ -26,9 +30,9 @@ import torch
 logger = logging.getLogger("sparseattn")
 
 _enabled = os.environ.get("SPARSEATTN_ESTIMATOR_GRAPHS", "1") != "0"
-MAX_GRAPHS = 32  # captured estimators kept (least recently used dropped)
-_graphs: "collections.OrderedDict[tuple, Optional[_Graph]]" = collections.OrderedDict()
-_pools = {}
+MAX_GRAPHS = 8  # captured estimators kept (least recently used dropped)
+_EAGER, _SEEN = "eager", "seen"  # key states before a capture: never capture / captured on the next call
+_graphs: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
 
 
 def set_estimator_graphs(enabled: bool) -> None:
@@ -48,7 +52,6 @@ def estimator_graphs_enabled() -> bool:
 def clear_estimator_graphs() -> None:
     """Drop every captured estimator graph (their memory returns to PyTorch's allocator)."""
     _graphs.clear()
-    _pools.clear()
 
 
 @dataclasses.dataclass
@@ -58,9 +61,14 @@ class _Graph:
     plan: object  # the BlockPlan whose tensors the replay rewrites
 
 
+def _layer_dependent(method) -> bool:
+    """Whether some field is a per-(layer, head) table (then plans differ by layer_idx)."""
+    return any(isinstance(v, tuple) and v and isinstance(v[0], tuple) for v in method.config().values())
+
+
 def _key(method, q, k, v, causal, layer_idx) -> tuple:
     return (type(method), repr(method.config()), tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype,
-            q.device, causal, layer_idx)
+            q.device, causal, layer_idx if _layer_dependent(method) else None)
 
 
 def _copy_plan(plan):
@@ -75,52 +83,73 @@ def _capture(method, q, k, v, causal, layer_idx) -> _Graph:
     inputs = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     for dst, src in zip(inputs, (q, k, v)):
         dst.copy_(src)
-    # Warm up on a side stream (Triton compiles, lazy device constants upload), then capture. The
-    # warm-up runs with host syncs turned into errors: a method that syncs is found here, not by
-    # a failed capture (which can leave the CUDA RNG in capture state).
-    side = torch.cuda.Stream(q.device)
-    side.wait_stream(torch.cuda.current_stream(q.device))
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.cuda.stream(side):
-            method._plan(*inputs, causal=causal, layer_idx=layer_idx)
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-    torch.cuda.current_stream(q.device).wait_stream(side)
-    pool = _pools.get(q.device)
-    if pool is None:  # one pool for all estimator graphs: their temporaries are never live at once
-        pool = _pools[q.device] = torch.cuda.graph_pool_handle()
+    torch.cuda.current_stream(q.device).synchronize()  # the inputs are written before the capture stream starts
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph):  # a private pool: dropping the graph frees its temporaries
         plan = method._plan(*inputs, causal=causal, layer_idx=layer_idx)
     return _Graph(graph, inputs, plan)
 
 
+def _remember(key, value) -> None:
+    _graphs[key] = value
+    _graphs.move_to_end(key)
+    while sum(isinstance(x, _Graph) for x in _graphs.values()) > MAX_GRAPHS:
+        oldest = next(k for k, x in _graphs.items() if isinstance(x, _Graph))
+        del _graphs[oldest]
+    while len(_graphs) > 64 * MAX_GRAPHS:  # key states of one-off shapes
+        _graphs.popitem(last=False)
+
+
+def _give_up(method, key, exc) -> None:
+    logger.warning("sparseattn: method %r runs without a CUDA graph (%s: %s)", method.name, type(exc).__name__,
+                   str(exc).splitlines()[0] if str(exc) else "")
+    _remember(key, _EAGER)
+
+
 def graphed_plan(method, q, k, v, *, causal: bool, layer_idx: Optional[int]):
-    """The plan of ``method`` for these inputs through a captured CUDA graph, or None when graphs
-    do not apply (off, not CUDA, already inside a capture, or the method is not capturable)."""
+    """The plan of ``method`` for these inputs, through a CUDA graph once the key repeats; None when
+    graphs do not apply (off, not CUDA, inside a capture, a method that syncs) and the caller
+    should run the method eagerly."""
     if not _enabled or not q.is_cuda or torch.cuda.is_current_stream_capturing():
         return None
     key = _key(method, q, k, v, causal, layer_idx)
-    if key in _graphs:
-        entry = _graphs[key]
-        _graphs.move_to_end(key)
-        if entry is None:
+    state = _graphs.get(key)
+    try:
+        if state is None:  # first call: eager, with host syncs turned into errors
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                plan = method._plan(q, k, v, causal=causal, layer_idx=layer_idx)
+            except RuntimeError as exc:
+                if "synchroniz" not in str(exc).lower():
+                    raise
+                _give_up(method, key, exc)
+                return None
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+            _remember(key, _SEEN)
+            return plan
+        if state == _EAGER:
+            _graphs.move_to_end(key)
             return None
-        for dst, src in zip(entry.inputs, (q, k, v)):
-            dst.copy_(src)
-    else:
-        try:
-            entry = _capture(method, q, k, v, causal, layer_idx)
-        except Exception as exc:  # an operation the capture refuses: run this method eagerly
-            torch.cuda.synchronize(q.device)
-            logger.warning("sparseattn: method %r runs without a CUDA graph (%s: %s)", method.name,
-                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            _graphs[key] = None
-            return None
-        _graphs[key] = entry
-        while len(_graphs) > MAX_GRAPHS:
-            _graphs.popitem(last=False)
-    entry.graph.replay()
-    return _copy_plan(entry.plan)
+        if state == _SEEN:
+            try:
+                state = _capture(method, q, k, v, causal, layer_idx)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # an operation the capture refuses: run this method eagerly
+                torch.cuda.synchronize(q.device)
+                _give_up(method, key, exc)
+                return None
+            _remember(key, state)
+        else:
+            _graphs.move_to_end(key)
+            for dst, src in zip(state.inputs, (q, k, v)):
+                dst.copy_(src)
+        state.graph.replay()
+        return _copy_plan(state.plan)
+    except torch.OutOfMemoryError:
+        # Captured graphs hold their temporaries: free them all and let the caller run eagerly.
+        clear_estimator_graphs()
+        torch.cuda.empty_cache()
+        return None
