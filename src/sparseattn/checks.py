@@ -43,6 +43,27 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
     return B, Hq, Hkv, Lq, Lk, D
 
 
+def check_qk_pair(q, k, dtypes) -> None:
+    """The q/k checks of an estimator kernel's wrapper: ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]``,
+    one dtype of ``dtypes``, one device, ``Hq`` a multiple of ``Hkv``."""
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
+        raise ValueError("q and k must be 4-d tensors [B, H, L, D], got "
+                         f"{getattr(q, 'shape', type(q))} and {getattr(k, 'shape', type(k))}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[3] == 0:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and a non-zero head_dim")
+    Hq, Hkv = q.shape[1], k.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key heads ({Hkv})")
+    if q.dtype not in dtypes or k.dtype != q.dtype:
+        raise ValueError(f"q and k must share one dtype of {list(dtypes)}, got {q.dtype} and {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
+
+
+def is_pow2(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0 and (x & (x - 1)) == 0
+
+
 def check_plan(plan: Optional[BlockPlan], *, B: int, Hq: int, Hkv: int, Lq: int, Lk: int,
                device: torch.device) -> None:
     if plan is None:

@@ -264,32 +264,3 @@ def test_cuda_plans_equal_cpu_plans(name):
     plan = method._plan(q, k, v, causal=True, layer_idx=None)
     ref = method._plan(q.cpu(), k.cpu(), v.cpu(), causal=True, layer_idx=None)
     same_plan(ref, plan)
-
-
-def _cuda_ms(fn, reps=10):
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
-@requires_cuda
-@pytest.mark.parametrize("n_last", [64, 128])
-def test_cuda_timing(n_last):
-    """Prints kernel vs PyTorch-path time at SmolLM2's shape, 32K tokens (run with -s)."""
-    q = torch.randn(1, 9, 32768, 64, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, 3, 32768, 64, device="cuda", dtype=torch.bfloat16)
-    f = _kernel().last_queries_profiles_triton
-
-    def torch_path():
-        a = last_queries_attention(q, k, n_last)
-        return a.sum(-2), diagonal_sums(a)
-
-    ms_triton, ms_torch = _cuda_ms(lambda: f(q, k, n_last)), _cuda_ms(torch_path)
-    print(f"\nlast-queries profiles P={n_last}, 9/3/64 at 32K: triton {ms_triton * 1e3:.0f} us, "
-          f"torch {ms_torch * 1e3:.0f} us")
-    torch.testing.assert_close(f(q, k, n_last)[0], torch_path()[0], atol=1e-4, rtol=1e-4)

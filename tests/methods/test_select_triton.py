@@ -265,34 +265,6 @@ def test_cuda_matches_torch_path(mode):
         check_same(masses, geo, mode=mode, values=values, boundary_ok=True)
 
 
-def _cuda_ms(fn, reps=5):
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
-@requires_cuda
-@pytest.mark.parametrize("n", [1024, 2048])
-def test_cuda_timing(n):
-    """Not asserted beyond equal top-k counts: prints kernel vs PyTorch-path times at 64K / 128K
-    tokens with block 64 (run with -s)."""
-    dev = torch.device("cuda")
-    geo = dict(block_q=64, block_k=64, q_len=64 * n, k_len=64 * n)
-    scores = torch.rand(1, 32, n, n, device=dev) ** 4
-    for mode, values in (("topk", torch.full((32,), n // 8, device=dev, dtype=torch.int64)),
-                         ("threshold", torch.full((32,), 0.9, device=dev))):
-        opts = dict(causal=True, sink_blocks=1, local_blocks=0, diagonal=True, mode=mode, values=values)
-        ms_triton = _cuda_ms(lambda: _kernel()(scores, **geo, **opts))
-        ms_torch = _cuda_ms(lambda: reference(scores, geo, **opts))
-        print(f"select {mode} [1, 32, {n}, {n}] fp32 causal: triton {ms_triton:.3f} ms, torch {ms_torch:.3f} ms")
-        if mode == "topk":
-            assert torch.equal(_kernel()(scores, **geo, **opts)[0], reference(scores, geo, **opts).kv_counts)
-
 
 @requires_cuda
 def test_cuda_plan_dispatch(monkeypatch):

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..checks import check_qk_pair, is_pow2
 from .dispatch import triton_interpreting
 
 LOG2E = 1.4426950408889634
@@ -178,28 +179,13 @@ def default_config(dtype: torch.dtype) -> LastQConfig:
     return _CONFIG_FP32 if dtype == torch.float32 else _CONFIG_16BIT
 
 
-def _pow2(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0 and (x & (x - 1)) == 0
-
-
 def _check_inputs(q, k, n_last, config):
-    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
-        raise ValueError("q and k must be 4-d tensors [B, H, L, D], got "
-                         f"{getattr(q, 'shape', type(q))} and {getattr(k, 'shape', type(k))}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[3] == 0:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and a non-zero head_dim")
-    Hq, Hkv = q.shape[1], k.shape[1]
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key heads ({Hkv})")
-    if q.dtype not in DTYPES or k.dtype != q.dtype:
-        raise ValueError(f"q and k must share one dtype of {list(DTYPES)}, got {q.dtype} and {k.dtype}")
-    if q.device != k.device:
-        raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
+    check_qk_pair(q, k, DTYPES)
     if not isinstance(n_last, numbers.Integral) or isinstance(n_last, bool) or n_last < 1:
         raise ValueError(f"n_last must be an int >= 1, got {n_last!r}")
     if config is not None:
         cfg = LastQConfig(*config)
-        if not all(_pow2(v) for v in cfg) or min(cfg.block_m, cfg.block_n) < 16:
+        if not all(is_pow2(v) for v in cfg) or min(cfg.block_m, cfg.block_n) < 16:
             raise ValueError(f"config fields must be powers of two (block_m/n >= 16), got {cfg}")
 
 

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..checks import check_qk_pair, is_pow2
 from .dispatch import triton_interpreting
 
 LOG2E = 1.4426950408889634
@@ -269,23 +270,8 @@ def default_config(dtype: torch.dtype) -> XAttnConfig:
     return _CONFIG_FP32 if dtype == torch.float32 else _CONFIG_16BIT
 
 
-def _pow2(x) -> bool:
-    return isinstance(x, numbers.Integral) and x > 0 and (x & (x - 1)) == 0
-
-
 def _check_inputs(q, k, block, stride, causal, norm, config):
-    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
-        raise ValueError("q and k must be 4-d tensors [B, H, L, D], got "
-                         f"{getattr(q, 'shape', type(q))} and {getattr(k, 'shape', type(k))}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[3] == 0:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and a non-zero head_dim")
-    Hq, Hkv = q.shape[1], k.shape[1]
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key heads ({Hkv})")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype:
-        raise ValueError(f"q and k must share one dtype of {list(_DTYPES)}, got {q.dtype} and {k.dtype}")
-    if q.device != k.device:
-        raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
+    check_qk_pair(q, k, _DTYPES)
     for name, v in (("block", block), ("stride", stride)):
         if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -298,7 +284,7 @@ def _check_inputs(q, k, block, stride, causal, norm, config):
         raise ValueError(f"norm must be a finite number > 0, got {norm!r}")
     if config is not None:
         cfg = XAttnConfig(*config)
-        if not all(_pow2(v) for v in cfg) or min(cfg.block_m, cfg.block_n, cfg.block_d) < 16:
+        if not all(is_pow2(v) for v in cfg) or min(cfg.block_m, cfg.block_n, cfg.block_d) < 16:
             raise ValueError(f"config fields must be powers of two (block_m/n/d >= 16), got {cfg}")
 
 
