@@ -25,6 +25,9 @@ p.add_argument("--contexts", default="32768,131072")
 p.add_argument("--batches", default="1,8")
 p.add_argument("--budget", type=int, default=2048)
 p.add_argument("--top", type=int, default=4)
+p.add_argument("--splits", default=None, help="comma list of split counts (default: 0.5/1/2/4 x the rule's)")
+p.add_argument("--configs", default=None, help="semicolon list of BLOCK_N,warps,stages (default: a grid)")
+p.add_argument("--cases", default="dense,pages", help="dense and/or pages")
 args = p.parse_args()
 
 
@@ -50,14 +53,17 @@ for shape, L, B in itertools.product(args.shapes.split(","), map(int, args.conte
     counts = torch.full((B, Hkv), sel_pages, dtype=torch.int32, device="cuda")
     cases = {"dense": dict(dense=True, dense_pages=n_pages),
              f"pages{args.budget}": dict(pages=pages, page_counts=counts)}
+    cases = {name: sel for name, sel in cases.items() if name.rstrip("0123456789") in args.cases.split(",")}
     for case, sel in cases.items():
         width = n_pages * 16 if case == "dense" else args.budget
         rows = (Hq // Hkv)
         auto = dt.choose_num_splits(B * Hkv * math.ceil(rows / max(16, rows)), width, q.device)
         results = []
-        for block_n, warps, stages, mult in itertools.product((32, 64, 128), (2, 4, 8), (2, 3),
-                                                              (0.5, 1, 2, 4)):
-            splits = max(1, int(auto * mult))
+        configs = ([tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")] if args.configs
+                   else list(itertools.product((32, 64, 128), (2, 4, 8), (2, 3))))
+        split_list = ([int(x) for x in args.splits.split(",")] if args.splits
+                      else sorted({max(1, int(auto * m)) for m in (0.5, 1, 2, 4)}))
+        for (block_n, warps, stages), splits in itertools.product(configs, split_list):
             try:
                 t = bench(lambda: dt.decode_attention_triton(q, kp, vp, table, lengths, page_size=16, num_splits=splits,
                                                              config=(block_n, warps, stages), **sel))
