@@ -190,6 +190,111 @@ def exact_probs(q: torch.Tensor, cache: PagedKVCache, layer: int, scale: Optiona
     return torch.softmax(exact_logits(q, cache, layer, scale), dim=-1).nan_to_num(0.0)
 
 
+_INT32_MAX = 2 ** 31 - 1
+# Keys of topk_positions(stable_ties=True): a float32's bits, negative ones with their other 31 bits
+# flipped, order like the floats. Keys of -inf and +inf (NaNs lie outside [-inf, +inf]).
+_NEG_INF_KEY = -(2 ** 31) + 0x7FFFFF
+_POS_INF_KEY = 0x7F800000
+
+
+def topk_positions(score: torch.Tensor, k: int, *, stable_ties: bool = False) -> torch.Tensor:
+    """int32 ``[..., min(k, N)]``: the positions of the ``k`` largest entries of each row of
+    ``score [..., N]``, in no particular order; a picked ``-inf`` (or NaN) entry reads ``N``.
+
+    ``torch.topk`` (a radix select, no full sort; ``k`` is a host int). It gives no order among
+    equal scores, so at the budget's edge a tie may go to either position. ``stable_ties=True``
+    breaks ties like ``rank_mask`` (the lower position wins) by ranking a packed int64 key
+    (the fp32 score's order-preserving bits, then the reversed position): one elementwise pass and
+    a top-k over 8-byte keys, worth it where ties are common (max-pooled scores); float64 scores
+    take a stable sort instead (exact tests only).
+    """
+    N = score.shape[-1]
+    if N >= _INT32_MAX:
+        raise ValueError(f"at most 2**31 - 2 positions per row, got {N}")
+    kk = min(k, N)
+    if not stable_ties:
+        vals, idx = torch.topk(score, kk, dim=-1, sorted=False)
+        return torch.where(vals > float("-inf"), idx.to(torch.int32), N)
+    if score.dtype == torch.float64:
+        vals, idx = torch.sort(score, dim=-1, descending=True, stable=True)
+        vals, idx = vals[..., :kk], idx[..., :kk]
+        return torch.where(vals > float("-inf"), idx.to(torch.int32), N)
+    bits = (score.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes +0.0, as they compare equal
+    bits = bits ^ ((bits >> 31) & _INT32_MAX)  # negative floats: reverse their order -> monotone int32
+    pos = torch.arange(N, dtype=torch.int64, device=score.device)
+    key = (bits.to(torch.int64) << 32) | (_INT32_MAX - pos)  # equal scores: the lower position ranks higher
+    top = torch.topk(key, kk, dim=-1, sorted=False).values
+    val = top >> 32
+    pos = (_INT32_MAX - (top & 0xFFFFFFFF)).to(torch.int32)
+    return torch.where((val > _NEG_INF_KEY) & (val <= _POS_INF_KEY), pos, N)
+
+
+def topk_token_selection(score: torch.Tensor, k: int, *, lengths: torch.Tensor, page_size: int,
+                         width: Optional[int] = None, sink: int = 0, forced_last: int = 0,
+                         stable_ties: bool = False) -> DecodeSelection:
+    """The forced tokens plus the ``k`` best candidates of each row, as a token-level DecodeSelection.
+
+    Args:
+        score: float ``[B, H, N]``, or ``[B, H, G, N]`` for one top-k per query head whose union
+            each (batch, KV head) reads. ``-inf`` = not a candidate: the forced tokens and the
+            positions at and past ``len - forced_last`` must be ``-inf`` (a finite score there
+            would take a top-k slot and then be dropped).
+        k: candidates to pick per row (a host int, so no sync); a row with fewer finite scores
+            gets them all (picked ``-inf`` entries are dropped).
+        lengths: int32/int64 ``[B]`` tokens per sequence.
+        page_size: the cache's page size (recorded in the selection).
+        width: index width, at least the largest count; default ``min(N, sink + G * k +
+            forced_last)`` (at least 1), what the methods' masks were compacted to.
+        sink, forced_last: the first ``sink`` and the last ``forced_last`` tokens of each
+            sequence are always read (``r0 = max(len - forced_last, 0)``, ``s0 = min(sink, r0)``:
+            ``[0, s0)`` and ``[r0, len)``); candidates lie in ``[s0, r0)``.
+        stable_ties: break score ties like ``rank_mask`` (see :func:`topk_positions`).
+
+    Returns:
+        ``DecodeSelection`` with ``token_counts [B, H]`` and ascending ``tokens [B, H, width]``
+        (zeros after the count): the same tensors as ``rank_mask`` + ``from_token_mask`` give on
+        scores without ties (with ``stable_ties``: on any scores).
+
+    How: :func:`topk_positions` (``torch.topk``: a radix select of ``k`` ids per row, not the full
+    sort of ``rank_mask``), a sort of the ``G * k`` picked ids (short rows), then one Triton
+    launch (:func:`~sparseattn.kernels.topk_tokens_triton.assemble_token_selection`) writes the
+    rows: O(B * H * G * k) after the top-k, never a ``[B, H, N]`` mask, no host sync. Runs wherever
+    Triton runs (CUDA, or the interpreter in tests); the methods call it when
+    :func:`use_triton_estimator` holds and keep ``rank_mask`` + ``from_token_mask`` on the CPU.
+
+    Ties: ``rank_mask`` (stable sort) keeps the lower position among equal scores at the budget's
+    edge; ``torch.topk`` promises no order among ties (on CUDA or CPU), so without
+    ``stable_ties`` this path may pick another, equally scored token there. The selection is
+    still valid and of the same size. NaN scores are never read (they rank first, as in
+    ``torch.topk``, then are dropped).
+    """
+    if not isinstance(score, torch.Tensor) or score.dim() not in (3, 4) or not score.dtype.is_floating_point:
+        got = (score.dtype, tuple(score.shape)) if isinstance(score, torch.Tensor) else type(score).__name__
+        raise ValueError(f"score must be a float [B, H, N] or [B, H, G, N] tensor, got {got}")
+    B, H, N = score.shape[0], score.shape[1], score.shape[-1]
+    G = score.shape[2] if score.dim() == 4 else 1
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64) \
+            or tuple(lengths.shape) != (B,) or lengths.device != score.device:
+        raise ValueError(f"lengths must be an int32/int64 [B={B}] tensor on {score.device}, got "
+                         f"{getattr(lengths, 'dtype', type(lengths).__name__)} {tuple(getattr(lengths, 'shape', ()))}")
+    for name, value, low in (("k", k, 0), ("page_size", page_size, 1), ("sink", sink, 0),
+                             ("forced_last", forced_last, 0)):
+        check_int(name, value, minimum=low)
+    if width is None:
+        width = max(1, min(N, sink + G * k + forced_last))
+    check_int("width", width, minimum=1)
+    from ..kernels.topk_tokens_triton import assemble_token_selection
+
+    kk = min(k, N)
+    if kk > 0 and B * H > 0:
+        keys = topk_positions(score, kk, stable_ties=stable_ties)  # dropped picks read N: never a candidate
+        keys = keys.reshape(B, H, G * kk).sort(dim=-1).values  # a union's repeats become neighbours
+    else:  # nothing to pick: one sentinel column
+        keys = torch.full((B, H, 1), N, dtype=torch.int32, device=score.device)
+    counts, tokens = assemble_token_selection(keys, lengths, width=width, sink=sink, forced_last=forced_last)
+    return DecodeSelection(None, None, page_size, counts, tokens)
+
+
 def check_overrides(cls, overrides: dict) -> None:
     valid = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [key for key in overrides if key not in valid]

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..decode_api import DecodeSelection
-from ..methods.base import check_int, rank_mask
+from ..methods.base import check_int, rank_mask, use_triton_estimator
 from ..methods.registry import register
 from .base import DecodeMethod, check_layers, exact_probs
 from .tidaldecode import reuse_stored, step_key
@@ -100,6 +100,15 @@ class Delta(DecodeMethod):
         candidate = idx < forced_from
         free = (self.page_budget - (n_pages - forced_from)).clamp(min=0).view(B)
         neg = page.new_full((), float("-inf"))
-        keep = rank_mask(torch.where(candidate, page, neg), free) & candidate
+        score = torch.where(candidate, page, neg)
         width = min(maxP, max(self.page_budget, Lq // P + 2))
+        if use_triton_estimator(q):
+            from ..kernels.page_score_triton import top_pages_selection  # top-k + sorted assembly, no full sort
+
+            # Its forced tail starts at page max(len - recent, 0) // P: with recent = max((L - 1) P + 1, Lq)
+            # that is min(max(n_pages - L, 0), (len - Lq) // P) = forced_from (len >= Lq >= 1).
+            recent = max((self.recent_pages - 1) * P + 1, Lq)
+            return top_pages_selection(score.view(B, 1, maxP), lengths, page_size=P, budget=self.page_budget,
+                                       recent=recent, width=width, forced_in_budget=True)
+        keep = rank_mask(score, free) & candidate
         return DecodeSelection.from_page_mask((keep | forced).view(B, 1, maxP), page_size=P, max_pages=width)

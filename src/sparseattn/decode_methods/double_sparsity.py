@@ -27,9 +27,9 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..decode_api import DecodeSelection
-from ..methods.base import check_choice, check_int, rank_mask
+from ..methods.base import check_choice, check_int, rank_mask, use_triton_estimator
 from ..methods.registry import register
-from .base import DecodeMethod, gather_keys, score_dtype
+from .base import DecodeMethod, gather_keys, score_dtype, topk_token_selection
 
 CHANNEL_TYPES = ("q", "k", "qk")
 HEAD_LAYOUTS = ("query", "kv")
@@ -528,8 +528,8 @@ class DoubleSparsity(DecodeMethod):
         B, Hq, Lq, _ = q.shape
         Hkv = cache.num_kv_heads
         G = Hq // Hkv
-        s = self.label_scores(q, cache, layer).amax(3)  # [B, Hkv, G, N]: max over the new queries
-        N = s.shape[-1]
+        s5 = self.label_scores(q, cache, layer)  # [B, Hkv, G, Lq, N]
+        N = s5.shape[-1]
         dev = q.device
         lengths = cache.layer_lengths(layer).long().view(B, 1, 1)
         n_forced = Lq if self.force_new_tokens else 0
@@ -537,20 +537,28 @@ class DoubleSparsity(DecodeMethod):
         candidate = pos < lengths - n_forced  # [B, 1, N]
         forced = (pos >= lengths - n_forced) & (pos < lengths)
         free = max(self.token_budget - n_forced, 0)
-        neg = s.new_full((), float("-inf"))
-        if self.gqa_policy == "per_q_head":
-            score = torch.where(candidate.unsqueeze(2), s, neg)
-            n = torch.full(score.shape[:3], free, dtype=torch.long, device=dev)
-            keep = (rank_mask(score, n) & candidate.unsqueeze(2)).any(2)
-            width = max(G * free + n_forced, n_forced)
-        else:
-            score = s.sum(2) if self.gqa_policy == "group_sum" else s.amax(2)
-            score = torch.where(candidate, score, neg)
-            n = torch.full(score.shape[:2], free, dtype=torch.long, device=dev)
-            keep = rank_mask(score, n) & candidate
+        neg = s5.new_full((), float("-inf"))
+        per_head = self.gqa_policy == "per_q_head"
+        if self.gqa_policy == "group_max":  # max over heads and new queries in one pass
+            score = torch.where(candidate, s5.amax(dim=(2, 3)), neg)
             width = free + n_forced
-        return DecodeSelection.from_token_mask(keep | forced, page_size=cache.page_size,
-                                               max_tokens=max(1, min(N, width)))
+        else:
+            s = s5[:, :, :, 0] if Lq == 1 else s5.amax(3)  # [B, Hkv, G, N]: max over the new queries (a view at Lq = 1)
+            if per_head:
+                score = torch.where(candidate.unsqueeze(2), s, neg)
+                width = max(G * free + n_forced, n_forced)
+            else:
+                score = torch.where(candidate, s.sum(2), neg)
+                width = free + n_forced
+        width = max(1, min(N, width))
+        if use_triton_estimator(q):  # top-k + O(k) assembly instead of a full sort and an O(N) compaction
+            return topk_token_selection(score, free, lengths=cache.layer_lengths(layer), page_size=cache.page_size,
+                                        width=width, forced_last=n_forced)
+        n = torch.full(score.shape[:-1], free, dtype=torch.long, device=dev)
+        keep = rank_mask(score, n) & (candidate.unsqueeze(2) if per_head else candidate)
+        if per_head:
+            keep = keep.any(2)
+        return DecodeSelection.from_token_mask(keep | forced, page_size=cache.page_size, max_tokens=width)
 
 
 __all__ = ["DoubleSparsity", "calibrate_channels", "calibrate_channels_from_qkv", "channel_importance",

@@ -9,9 +9,9 @@ from typing import ClassVar
 import torch
 
 from ..decode_api import DecodeSelection
-from ..methods.base import check_choice, check_int, compact_rows, rank_mask
+from ..methods.base import check_choice, check_int, compact_rows, rank_mask, use_triton_estimator
 from ..methods.registry import register
-from .base import DecodeMethod, exact_probs
+from .base import DecodeMethod, exact_probs, topk_token_selection
 from .tidaldecode import group_scores
 
 GQA_POLICIES = ("group_max", "group_sum", "first_head")
@@ -107,9 +107,15 @@ class RecycledAttention(DecodeMethod):
         j = torch.arange(N, device=q.device)
         candidate = j.view(1, 1, -1) < base.view(-1, 1, 1)
         neg = score.new_full((), float("-inf"))
-        n = torch.full(score.shape[:2], self.top_k, dtype=torch.long, device=q.device)
-        keep = rank_mask(torch.where(candidate, score, neg), n) & candidate
-        counts, tokens = compact_rows(keep, j.expand(keep.shape), max(1, min(N, self.top_k)))
+        score = torch.where(candidate, score, neg)
+        width = max(1, min(N, self.top_k))
+        if use_triton_estimator(q):  # top-k + O(k) assembly; "lengths" = base: candidates [0, base), none forced
+            sel = topk_token_selection(score, self.top_k, lengths=base, page_size=cache.page_size, width=width)
+            counts, tokens = sel.token_counts, sel.tokens
+        else:
+            n = torch.full(score.shape[:2], self.top_k, dtype=torch.long, device=q.device)
+            keep = rank_mask(score, n) & candidate
+            counts, tokens = compact_rows(keep, j.expand(keep.shape), width)
         st.update(tokens=tokens, counts=counts, base=base,
                   base_host=[h - Lq for h in cache.host_lengths(layer)])
 

@@ -8,9 +8,9 @@ from typing import ClassVar, Optional, Tuple
 import torch
 
 from ..decode_api import DecodeSelection
-from ..methods.base import check_choice, check_int, rank_mask
+from ..methods.base import check_choice, check_int, rank_mask, use_triton_estimator
 from ..methods.registry import register
-from .base import DecodeMethod, check_layers, exact_probs
+from .base import DecodeMethod, check_layers, exact_probs, topk_token_selection
 
 GQA_POLICIES = ("group_max", "group_sum", "per_q_head")
 
@@ -151,14 +151,19 @@ class TidalDecode(DecodeMethod):
         candidate = j < lengths - Lq
         free = max(0, self.token_budget - Lq)
         neg = probs.new_full((), float("-inf"))
-        if self.gqa_policy == "per_q_head":
-            s = torch.where(candidate.unsqueeze(2), probs.amax(3), neg)  # [B, Hkv, G, N]
-            n = torch.full(s.shape[:3], free, dtype=torch.long, device=q.device)
-            keep = (rank_mask(s, n) & candidate.unsqueeze(2)).any(2)
-            width = min(N, Lq + G * free)
+        per_head = self.gqa_policy == "per_q_head"
+        if per_head:  # max over the new queries: a view at Lq = 1, not a copy of the probabilities
+            s = torch.where(candidate.unsqueeze(2), probs[:, :, :, 0] if Lq == 1 else probs.amax(3), neg)
+            width = min(N, Lq + G * free)  # s: [B, Hkv, G, N]
         else:
-            s = torch.where(candidate, group_scores(probs, self.gqa_policy), neg)  # [B, Hkv, N]
-            n = torch.full(s.shape[:2], free, dtype=torch.long, device=q.device)
-            keep = rank_mask(s, n) & candidate
+            s = torch.where(candidate, group_scores(probs, self.gqa_policy), neg)  # [B, Hkv, N], one reduction
             width = min(N, Lq + free)
+        if use_triton_estimator(q):  # top-k + O(k) assembly instead of a full sort and an O(N) compaction
+            return topk_token_selection(s, free, lengths=cache.layer_lengths(layer), page_size=cache.page_size,
+                                        width=width, forced_last=Lq)
+        n = torch.full(s.shape[:-1], free, dtype=torch.long, device=q.device)
+        if per_head:
+            keep = (rank_mask(s, n) & candidate.unsqueeze(2)).any(2)
+        else:
+            keep = rank_mask(s, n) & candidate
         return DecodeSelection.from_token_mask(keep | forced, page_size=cache.page_size, max_tokens=width)

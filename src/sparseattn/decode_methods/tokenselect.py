@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ..decode_api import DecodeSelection
-from ..methods.base import check_float, check_int, compact_rows, rank_mask
+from ..methods.base import check_float, check_int, compact_rows, rank_mask, use_triton_estimator
 from ..methods.registry import register
-from .base import DecodeMethod, exact_logits, score_dtype
+from .base import DecodeMethod, exact_logits, score_dtype, topk_positions, topk_token_selection
 
 
 @register
@@ -32,7 +32,7 @@ class TokenSelect(DecodeMethod):
        every key: a dense step's worth of key traffic). Soft vote ``S(j) = sum_h s_h(j)`` over *all*
        query heads of the layer (each head has one vote of total mass 1; ``get_topk_tokens``).
        Optional smoothing ``S <- maxpool1d(S, kernel_size)`` over the candidates.
-    4. The ``top_k`` best candidates (ties: lower position) plus the forced tokens form one list
+    4. The ``top_k`` best candidates (ties: lower position; on CUDA without pooling, where exact ties are rare, ``torch.topk`` picks among tied entries) plus the forced tokens form one list
        per layer, shared by every head (selection ``H = 1``).
     5. Selection cache (``selection_cache=True``): per layer and sequence the fingerprint and
        top-k of the last refresh are kept in :meth:`state`; when ``cos(qbar_now, qbar_cached) >=
@@ -128,14 +128,26 @@ class TokenSelect(DecodeMethod):
         n = cache.max_pages * P
         forced, candidate = self.windows(cache, layer, Lq, n)
         qbar = q.to(score_dtype(q)).mean(2, keepdim=True)  # [B, Hq, 1, D]: the query fingerprint
-        score = self.votes(qbar, cache, layer, candidate)
-        fresh = rank_mask(score, torch.full((B,), self.top_k, dtype=torch.long, device=dev)) & candidate
+        score = self.votes(qbar, cache, layer, candidate)  # -inf outside the candidates
+        width = max(1, min(n, self.n_init + self.top_k + self.n_local + Lq - 1))
+        fast = use_triton_estimator(q)
+        pooled = self.kernel_size > 1  # max-pooling spreads each peak: plateaus of equal scores, ties are common
+        if fast and not self.selection_cache:  # top-k + O(top_k) assembly: no full sort, no [B, n] mask
+            return topk_token_selection(score.unsqueeze(1), self.top_k, lengths=cache.layer_lengths(layer),
+                                        page_size=P, width=width, sink=self.n_init,
+                                        forced_last=self.n_local + Lq - 1, stable_ties=pooled)
+        if fast:  # the selection cache works on masks: only the full sort is replaced (by a top-k)
+            fresh = torch.zeros(B, n + 1, dtype=torch.bool, device=dev)
+            if self.top_k > 0:  # dropped picks read n: the spare column
+                fresh.scatter_(-1, topk_positions(score, self.top_k, stable_ties=pooled).long(), True)
+            fresh = fresh[:, :n]
+        else:
+            fresh = rank_mask(score, torch.full((B,), self.top_k, dtype=torch.long, device=dev)) & candidate
         if self.selection_cache:
             chosen = self._through_cache(qbar.reshape(B, Hq * D), fresh, cache, layer)
         else:
             chosen = fresh
         mask = (forced | chosen).unsqueeze(1)  # [B, 1, n]: one list for every head
-        width = max(1, min(n, self.n_init + self.top_k + self.n_local + Lq - 1))
         return DecodeSelection.from_token_mask(mask, page_size=P, max_tokens=width)
 
     def _through_cache(self, fp: torch.Tensor, fresh: torch.Tensor, cache, layer: int) -> torch.Tensor:
