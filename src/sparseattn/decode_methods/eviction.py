@@ -25,12 +25,26 @@ step reads an evicted token again. ``dense_layers`` never evict.
 Everything runs on the cache's device without host syncs: host-side bookkeeping (an upper bound
 of each sequence's kept count, to size the selection) comes from the cache's host mirror of the
 lengths.
+
+What a step costs. Besides the mask, the state holds the kept tokens as a device *list* (ascending
+positions ``[B, Hkv, cap]`` + counts), built once from the mask at the first selection and kept
+in sync from then on: a step appends its new positions at the count (they are the largest, so
+the list stays ascending) and an eviction drops the entries whose mask bit it cleared (a stable
+compaction of the list, not of the mask). The selection handed to the kernel is the list itself,
+so a decode step of SnapKV / PyramidKV costs O(new tokens) besides the attention, and H2O / TOVA
+add O(kept) to their scoring (which reads every key) instead of recompacting the ``N``-wide mask.
+On CUDA the append and the compaction are one small Triton launch each.
+
+CUDA graphs: every state tensor a step writes is updated in place, so a captured step can be
+replayed over later steps, as long as no buffer grows (the cache allocates no page, the mask and
+the list keep their widths) and the counts stay within the selection width, which is the host
+bound plus :data:`SELECTION_SLACK` (SnapKV / PyramidKV grow by ``Lq`` per step).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Tuple
+from typing import ClassVar, List, Optional, Tuple
 
 import torch
 
@@ -122,19 +136,130 @@ def kept_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, keep: torch
     return out
 
 
+# ----------------------------------------------------------------------------- kept-token lists
+# Room past the host bound of the kept counts in a selection's width: a step captured in a CUDA
+# graph stays valid while replays append at most this many tokens (SnapKV / PyramidKV keep every
+# new token; H2O / TOVA stay at their budget).
+SELECTION_SLACK = 64
+
+def _check_list_args(keep: torch.Tensor, tokens: Optional[torch.Tensor], counts: Optional[torch.Tensor]) -> None:
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 3 or keep.stride(-1) != 1:
+        raise ValueError(f"keep must be a bool [B, Hkv, W] tensor with unit last stride, got "
+                         f"{(keep.dtype, tuple(keep.shape)) if isinstance(keep, torch.Tensor) else type(keep).__name__}")
+    if (tokens is None) != (counts is None):
+        raise ValueError("tokens and counts go together (or neither)")
+    if tokens is None:
+        return
+    B, H = keep.shape[:2]
+    if tokens.dtype != torch.int32 or tokens.dim() != 3 or tuple(tokens.shape[:2]) != (B, H) or tokens.shape[-1] < 2 \
+            or tokens.stride(-1) != 1:
+        raise ValueError(f"tokens must be int32 [B={B}, Hkv={H}, cap + 1] (the last column is scratch) with unit "
+                         f"last stride, got {tokens.dtype} {tuple(tokens.shape)}")
+    if counts.dtype != torch.int32 or tuple(counts.shape) != (B, H):
+        raise ValueError(f"counts must be int32 [B={B}, Hkv={H}], got {counts.dtype} {tuple(counts.shape)}")
+    if tokens.device != keep.device or counts.device != keep.device:
+        raise ValueError("keep, tokens and counts must be on one device")
+
+
+def admit_tokens(keep: torch.Tensor, seen: torch.Tensor, lengths: torch.Tensor, max_new: int,
+                 tokens: Optional[torch.Tensor] = None, counts: Optional[torch.Tensor] = None, *,
+                 use_triton: Optional[bool] = None, block: int = 128) -> None:
+    """Admit the tokens appended since the last visit, in place: positions ``[seen, length)`` of
+    each row become kept in ``keep``, are appended to the list at its count, and ``seen`` becomes
+    the length. No host sync.
+
+    ``keep`` bool ``[B, Hkv, W]`` (``W >=`` every length); ``seen`` int64 ``[B, Hkv]``;
+    ``lengths`` int ``[B]``; ``max_new`` a host bound of ``length - seen`` (the PyTorch path's
+    width); optional ``tokens`` int32 ``[B, Hkv, cap + 1]`` (ascending positions, last column
+    scratch) with ``counts`` int32 ``[B, Hkv]`` (new entries past ``cap`` are dropped).
+    ``use_triton``: default :func:`use_triton_estimator`; ``block`` the Triton tile (a power of 2).
+    """
+    _check_list_args(keep, tokens, counts)
+    B, H, W = keep.shape
+    if seen.dtype != torch.int64 or tuple(seen.shape) != (B, H) or seen.device != keep.device:
+        raise ValueError(f"seen must be int64 [B={B}, Hkv={H}] on {keep.device}, got {seen.dtype} "
+                         f"{tuple(seen.shape)} on {seen.device}")
+    if lengths.dim() != 1 or lengths.shape[0] != B or lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lengths must be int32/int64 [B={B}], got {lengths.dtype} {tuple(lengths.shape)}")
+    if max_new <= 0 or B * H == 0:
+        return
+    if use_triton is None:
+        use_triton = use_triton_estimator(keep)
+    if use_triton:
+        from ..kernels.eviction_lists_triton import admit_kernel as admit
+
+        has_list = tokens is not None
+        t, c = (tokens, counts) if has_list else (seen, seen)  # unused when there is no list
+        admit[(B * H,)](keep.view(torch.uint8), t, c, seen, lengths, H, t.shape[-1] - 1 if has_list else 0,
+                        keep.stride(0), keep.stride(1), t.stride(0), t.stride(1), c.stride(0), c.stride(1),
+                        seen.stride(0), seen.stride(1), lengths.stride(0), HAS_LIST=has_list, BLOCK=block,
+                        num_warps=4)
+        return
+    n = lengths.long().view(B, 1, 1)
+    j = torch.arange(max_new, device=keep.device)
+    pos = seen.unsqueeze(-1) + j  # [B, H, m]
+    valid = pos < n
+    # Every lane of a row with new tokens lands on one of them; a row without any rewrites the
+    # value it holds at its last token (no two lanes write different values to one place).
+    idx = torch.minimum(pos, n - 1).clamp(min=0)
+    keep.scatter_(-1, idx, (seen.unsqueeze(-1) < n) | keep.gather(-1, idx))
+    if tokens is not None:
+        cap = tokens.shape[-1] - 1
+        dest = counts.long().unsqueeze(-1) + j
+        dest = torch.where(valid & (dest < cap), dest, torch.full_like(dest, cap))
+        tokens.scatter_(-1, dest, pos.to(torch.int32))
+        counts += (n.view(B, 1) - seen).clamp(min=0).to(torch.int32)
+    seen.copy_(lengths.long().view(B, 1).expand(B, H))
+
+
+def drop_evicted(keep: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, width: int, *,
+                 use_triton: Optional[bool] = None, block: int = 1024) -> None:
+    """Remove from the list the entries whose ``keep`` bit is clear (after an eviction), in place:
+    the first ``counts`` (at most ``width``) entries of ``tokens`` are compacted stably, so the
+    list stays ascending, and ``counts`` becomes the number left. Entries past the new count are
+    unspecified. O(width) per row, no host sync. Shapes as :func:`admit_tokens`.
+    """
+    _check_list_args(keep, tokens, counts)
+    B, H, _ = keep.shape
+    width = min(int(width), tokens.shape[-1] - 1)
+    if B * H == 0 or width <= 0:
+        return
+    if use_triton is None:
+        use_triton = use_triton_estimator(keep)
+    if use_triton:
+        from ..kernels.eviction_lists_triton import drop_kernel as drop
+
+        drop[(B * H,)](keep.view(torch.uint8), tokens, counts, H, width, keep.stride(0), keep.stride(1),
+                       tokens.stride(0), tokens.stride(1), counts.stride(0), counts.stride(1), BLOCK=block,
+                       num_warps=4)
+        return
+    ent = tokens[..., :width].clone()  # the source: the compaction writes back over it
+    j = torch.arange(width, device=keep.device)
+    alive = (j < counts.unsqueeze(-1)) & keep.gather(-1, ent.long())
+    c = torch.cumsum(alive, -1)
+    n_alive = c[..., -1:]
+    # A stable partition (survivors first, then the rest): a permutation, so no two writes collide.
+    dest = torch.where(alive, c - 1, n_alive + j - c)
+    tokens[..., :width].scatter_(-1, dest, ent)
+    counts.copy_(n_alive.squeeze(-1))
+
+
 @dataclass(kw_only=True)
 class EvictionMethod(DecodeMethod):
     """Base of the eviction baselines: a per-(layer, batch, KV head) keep-set on the cache's device.
 
     State (``self.state(cache, layer)``): ``"keep"`` bool ``[B, Hkv, W]`` (``W >= N``, grown by
-    doubling), ``"seen"`` int64 ``[B]`` (lengths at the last visit: positions from there on are
-    new and enter as kept), host lists ``"seen_host"`` and ``"bound"`` (an upper bound of each
-    sequence's kept count, the width of the selection), plus what a subclass adds (its
+    doubling), ``"seen"`` int64 ``[B, Hkv]`` (lengths at the last visit: positions from there on
+    are new and enter as kept), host lists ``"seen_host"`` and ``"bound"`` (an upper bound of each
+    sequence's kept count, the width of the selection), from the first selection on the kept
+    tokens as a list, ``"tokens"`` int32 ``[B, Hkv, cap + 1]`` (ascending, last column scratch) and
+    ``"count"`` int32 ``[B, Hkv]``, always the same set as the mask; plus what a subclass adds (its
     ``_row_state`` tensors ``[B, Hkv, W]`` grow with ``"keep"``).
 
     A subclass implements :meth:`_init_state` (budgets, scores), :meth:`_observe` (score with the
-    step's queries and evict when asked) and its ``_select``/``on_prefill`` from these pieces.
-    Call ``select`` once per step and layer (a second call scores the same step again).
+    step's queries and evict when asked, through :meth:`_commit`) and its ``_select``/``on_prefill``
+    from these pieces. Call ``select`` once per step and layer (a second call scores the same step
+    again).
     """
 
     _row_state: ClassVar[Tuple[str, ...]] = ("keep",)
@@ -149,7 +274,7 @@ class EvictionMethod(DecodeMethod):
         if "keep" not in st:
             return valid.expand(cache.batch, cache.num_kv_heads, N).clone()
         keep = self._width(st, N)["keep"][..., :N]
-        fresh = torch.arange(N, device=keep.device).view(1, 1, -1) >= st["seen"].view(-1, 1, 1)
+        fresh = torch.arange(N, device=keep.device).view(1, 1, -1) >= st["seen"].unsqueeze(-1)
         return (keep | fresh) & valid
 
     # ------------------------------------------------------------------ state machinery
@@ -168,6 +293,25 @@ class EvictionMethod(DecodeMethod):
                 st[key] = torch.cat([t, torch.zeros(*t.shape[:-1], new_w - W, dtype=t.dtype, device=t.device)], -1)
         return st
 
+    @staticmethod
+    def _list_width(st: dict, N: int) -> int:
+        """Width of the selection (host): the kept-count bound plus the graph slack, at most ``N``."""
+        return max(1, min(N, max(st["bound"], default=1) + SELECTION_SLACK))
+
+    @staticmethod
+    def _fit_list(st: dict, need: int) -> None:
+        """Give the list room for ``need`` entries: grow (or shrink a far too wide one) to ``2 * need``.
+        Reallocates (host-known, rare: amortised by the doubling), which a captured graph cannot follow."""
+        t = st["tokens"]
+        cap = t.shape[-1] - 1
+        if need <= cap <= 4 * need:
+            return
+        new_cap = 2 * need
+        fitted = torch.zeros(*t.shape[:-1], new_cap + 1, dtype=t.dtype, device=t.device)
+        m = min(cap, new_cap)  # holds every live entry: counts <= bound <= the old width <= cap
+        fitted[..., :m] = t[..., :m]
+        st["tokens"] = fitted
+
     def _prepare(self, cache: PagedKVCache, layer: int) -> dict:
         """The layer's state, created on first use, wide enough for the cache, new tokens admitted."""
         st = self.state(cache, layer)
@@ -176,32 +320,48 @@ class EvictionMethod(DecodeMethod):
         dev = cache.device
         if "keep" not in st:
             st["keep"] = torch.zeros(B, H, N, dtype=torch.bool, device=dev)
-            st["seen"] = torch.zeros(B, dtype=torch.long, device=dev)
+            st["seen"] = torch.zeros(B, H, dtype=torch.long, device=dev)
             st["seen_host"] = [0] * B
             st["bound"] = [0] * B
             self._init_state(st, cache, layer)
         self._width(st, N)
-        lengths = cache.layer_lengths(layer).long()
-        pos = torch.arange(st["keep"].shape[-1], device=dev).view(1, -1)
-        fresh = (pos >= st["seen"].view(-1, 1)) & (pos < lengths.view(-1, 1))  # [B, W]
-        st["keep"] |= fresh.unsqueeze(1)
-        st["seen"] = lengths.clone()
         host = cache.host_lengths(layer)
+        max_new = max((n - s for n, s in zip(host, st["seen_host"])), default=0)
         st["bound"] = [min(n, b + n - s) for n, b, s in zip(host, st["bound"], st["seen_host"])]
         st["seen_host"] = host
+        if "tokens" in st:
+            self._fit_list(st, self._list_width(st, N))
+        admit_tokens(st["keep"], st["seen"], cache.layer_lengths(layer), max_new, st.get("tokens"), st.get("count"))
         return st
 
-    def _commit(self, st: dict, keep: torch.Tensor, bound) -> None:
-        """Store the keep-set ``[B, Hkv, N]`` after an eviction that keeps at most ``bound[b]`` tokens."""
+    def _commit(self, st: dict, keep: torch.Tensor, bound: List[int]) -> None:
+        """Store the keep-set ``[B, Hkv, N]`` after an eviction (a subset of the kept tokens) that
+        keeps at most ``bound[b]`` tokens; the list drops what the mask dropped."""
         N = keep.shape[-1]
         st["keep"][..., :N] = keep
+        if "tokens" in st:
+            drop_evicted(st["keep"], st["tokens"], st["count"], self._list_width(st, N))
         st["bound"] = [min(b, int(c)) for b, c in zip(st["bound"], bound)]
 
-    def _selection(self, st: dict, cache: PagedKVCache) -> DecodeSelection:
-        """The keep-set as a token selection (exactly the kept tokens)."""
+    def _selection(self, st: dict, cache: PagedKVCache, snapshot: bool = False) -> DecodeSelection:
+        """The kept tokens as a token selection: the list (built from the mask on first use).
+
+        Without ``snapshot`` the selection views the list (cheap; valid until the state changes
+        below the count: an eviction); ``snapshot`` copies it, for a step that evicts after reading.
+        """
         N = cache.max_pages * cache.page_size
-        width = max(1, min(N, max(st["bound"], default=1)))
-        return DecodeSelection.from_token_mask(st["keep"][..., :N], page_size=cache.page_size, max_tokens=width)
+        width = self._list_width(st, N)
+        if "tokens" not in st:  # once per layer: one pass over the mask
+            sel = DecodeSelection.from_token_mask(st["keep"][..., :N], page_size=cache.page_size,
+                                                  max_tokens=2 * width)
+            st["tokens"] = torch.nn.functional.pad(sel.tokens, (0, 1))
+            st["count"] = sel.token_counts
+        tokens = st["tokens"][..., :width]
+        if snapshot:
+            tokens = tokens.clone()
+        # A copy of the counts (the list's grow later) capped at the width: a replay past the
+        # slack never reads beyond the view.
+        return DecodeSelection(None, None, cache.page_size, st["count"].clamp(max=width), tokens)
 
     def _evicting(self, cache: PagedKVCache, layer: int) -> bool:
         return cache.max_length(layer) >= self.dense_below
@@ -216,8 +376,8 @@ class EvictionMethod(DecodeMethod):
         self._observe(q, cache, layer, st, evict=False)
 
 
-__all__ = ["EvictionMethod", "GQA_AGGREGATIONS", "group_reduce", "kept_attention", "check_prompt_queries",
-           "to_device_ints"]
+__all__ = ["EvictionMethod", "GQA_AGGREGATIONS", "SELECTION_SLACK", "admit_tokens", "check_prompt_queries",
+           "drop_evicted", "group_reduce", "kept_attention", "to_device_ints"]
 
 
 @dataclass(kw_only=True)
@@ -235,6 +395,6 @@ class StepEvictionMethod(EvictionMethod):
 
     def _select(self, q, cache, layer):
         st = self._prepare(cache, layer)
-        sel = self._selection(st, cache)  # what this step reads: kept + new tokens
+        sel = self._selection(st, cache, snapshot=True)  # what this step reads: kept + new tokens
         self._observe(q, cache, layer, st, evict=True)
         return sel
