@@ -21,6 +21,9 @@ from sparseattn.methods.registry import get_method
 
 from ..conftest import HAS_CUDA, requires_cuda
 
+# The kernel-vs-PyTorch tests: interpreter on CPU tensors without CUDA, compiled on CUDA tensors with it.
+KDEV = "cuda" if HAS_CUDA else "cpu"
+
 F64 = torch.float64
 
 
@@ -227,12 +230,12 @@ def test_admit_kernel_equals_torch(H, block):
     cnt = cnt.clamp(max=150)
     outs = []
     for use_triton in (False, True):
-        k, s, t, c = keep.clone(), seen.clone(), tok.clone(), cnt.clone()
-        admit_tokens(k, s, lengths, 200, t, c, use_triton=use_triton, block=block)
+        k, s, t, c = (x.clone().to(KDEV) for x in (keep, seen, tok, cnt))
+        admit_tokens(k, s, lengths.to(KDEV), 200, t, c, use_triton=use_triton, block=block)
         outs.append((k, s, t, c))
     (k0, s0, t0, c0), (k1, s1, t1, c1) = outs
     assert torch.equal(k0, k1) and torch.equal(s0, s1)
-    assert torch.equal(s0, lengths.long().view(B, 1).expand(B, H))
+    assert torch.equal(s0.cpu(), lengths.long().view(B, 1).expand(B, H))
     assert torch.equal(c0, c1)
     for b in range(B):
         for h in range(H):
@@ -241,8 +244,8 @@ def test_admit_kernel_equals_torch(H, block):
             if b != 1:
                 assert t0[b, h, :n].tolist() == torch.nonzero(k0[b, h]).flatten().tolist()
     # without a list: the mask alone
-    k, s = keep.clone(), seen.clone()
-    admit_tokens(k, s, lengths, 200, use_triton=True, block=block)
+    k, s = keep.clone().to(KDEV), seen.clone().to(KDEV)
+    admit_tokens(k, s, lengths.to(KDEV), 200, use_triton=True, block=block)
     assert torch.equal(k, k0) and torch.equal(s, s0)
 
 
@@ -258,8 +261,8 @@ def test_drop_kernel_equals_torch(H, block, width):
     evicted = keep & (torch.rand(B, H, W, generator=g) < 0.7)
     outs = []
     for use_triton in (False, True):
-        t, c = tok.clone(), cnt.clone()
-        drop_evicted(evicted, t, c, width, use_triton=use_triton, block=block)
+        t, c = tok.clone().to(KDEV), cnt.clone().to(KDEV)
+        drop_evicted(evicted.to(KDEV), t, c, width, use_triton=use_triton, block=block)
         outs.append((t, c))
     assert_lists_equal(*outs[0], *outs[1])
     for b in range(B):

@@ -42,7 +42,7 @@ def windows(lengths, N, sink, forced_last):
     return (j >= s0) & (j < r0), ((j < s0) | (j >= r0)) & (j < n)
 
 
-def reference(score, k, lengths, *, sink=0, forced_last=0, width=None):
+def reference(score, k, lengths, *, sink=0, forced_last=0, width=None, page_size=4):
     """``rank_mask`` (stable: ties to the lower position) + ``from_token_mask``, the methods' PyTorch way."""
     N = score.shape[-1]
     cand, forced = windows(lengths, N, sink, forced_last)
@@ -54,7 +54,7 @@ def reference(score, k, lengths, *, sink=0, forced_last=0, width=None):
         keep = (rank_mask(score, n) & cand.unsqueeze(2) & (score > NEG)).any(2)
     else:
         keep = rank_mask(score, n) & cand & (score > NEG)
-    return DecodeSelection.from_token_mask(keep | forced, page_size=4, max_tokens=width)
+    return DecodeSelection.from_token_mask(keep | forced, page_size=page_size, max_tokens=width)
 
 
 def tie_free(shape, lengths, sink, forced_last, seed=0, holes=0.0):
@@ -293,7 +293,7 @@ def test_cuda_helper_equals_cpu_oracle():
         score = tie_free(shape, lengths, 64, 129, seed=7).cuda()
         got = topk_token_selection(score, k, lengths=lengths, page_size=16, sink=64, forced_last=129)
         got.validate(lengths)
-        assert_same(got, reference(score.cpu(), k, lengths.cpu(), sink=64, forced_last=129))
+        assert_same(got, reference(score.cpu(), k, lengths.cpu(), sink=64, forced_last=129, page_size=16))
 
 
 def cuda_methods():

@@ -244,7 +244,11 @@ MAX_BLOCK_M = 64  # query rows (G * Lq) per program; more rows go to more progra
 MAX_SPLITS = 128
 # A split reads at least this many selected tokens (the interpreter uses fewer so tests split).
 MIN_TOKENS_PER_SPLIT = 64
-PROGRAMS_PER_SM = 8  # split until about this many programs per SM (the sweep: 2 was too few)
+# Split until about this many programs per SM, rounding the split count down: the H100 sweep
+# (scripts/sweep_decode.py, dense, 32K/128K, B=1/8) found 4 per SM best for D=64 and D=128, and a
+# count that spills a few programs into one more wave costs ~10 % (32/8/128 B=8 128K: 8 splits
+# 1.41 ms, 17 splits 1.57 ms, SDPA 1.39 ms).
+PROGRAMS_PER_SM = 4
 MIN_TOKENS_PER_SPLIT_INTERPRET = 32
 INTERPRET_TARGET_PROGRAMS = 16
 
@@ -273,7 +277,7 @@ def choose_num_splits(programs: int, stream_tokens: int, device: torch.device) -
         target, min_tokens = INTERPRET_TARGET_PROGRAMS, MIN_TOKENS_PER_SPLIT_INTERPRET
     else:
         target, min_tokens = PROGRAMS_PER_SM * _sm_count(device.index), MIN_TOKENS_PER_SPLIT
-    by_occupancy = -(-target // max(programs, 1))
+    by_occupancy = max(1, target // max(programs, 1))
     by_work = max(1, stream_tokens // min_tokens)
     return max(1, min(by_occupancy, by_work, MAX_SPLITS))
 
