@@ -513,47 +513,75 @@ class DoubleSparsity(DecodeMethod):
         dt = score_dtype(q)
         klab = self.label_keys(cache, layer, dt)  # [B, H, N, r]
         N = klab.shape[2]
-        R = Hq // H
-        qlab = torch.gather(q.to(dt).reshape(B, H, R * Lq, D), -1, ch.view(1, H, 1, r).expand(B, H, R * Lq, r))
-        if self.label_bits < 16:
-            codes, lo, step = pseudo_quantize(qlab, self.label_bits)
-            qlab = codes.to(dt) * step.unsqueeze(-1) + lo.unsqueeze(-1)
+        qlab = self._query_labels(q, ch, dt)  # [B, H, R * Lq, r]
         s = torch.matmul(qlab, klab.transpose(-1, -2)).view(B, Hkv, Hq // Hkv, Lq, N) * (r ** -0.5)
         lengths = cache.layer_lengths(layer).long().view(B, 1, 1, 1, 1)
         pos = torch.arange(N, device=q.device).view(1, 1, 1, 1, N)
         qpos = lengths - Lq + torch.arange(Lq, device=q.device).view(1, 1, 1, Lq, 1)
         return s.masked_fill(pos > qpos, float("-inf"))
 
-    def _select(self, q, cache, layer):
+    def _query_labels(self, q, ch: torch.Tensor, dt) -> torch.Tensor:
+        """``[B, H, R * Lq, r]`` (``R = Hq / H``): each query head's label channels ``ch [H, r]`` in
+        ``dt``, pseudo-quantized like the labels for 8/4 bits (tiny: no pass over the cache)."""
+        B, Hq, Lq, D = q.shape
+        H, r = ch.shape
+        R = Hq // H
+        qlab = torch.gather(q.to(dt).reshape(B, H, R * Lq, D), -1, ch.view(1, H, 1, r).expand(B, H, R * Lq, r))
+        if self.label_bits < 16:
+            codes, lo, step = pseudo_quantize(qlab, self.label_bits)
+            qlab = codes.to(dt) * step.unsqueeze(-1) + lo.unsqueeze(-1)
+        return qlab
+
+    def token_scores(self, q, cache, layer: int) -> torch.Tensor:
+        """The ranking score of every token: float ``[B, Hkv, N]`` (``[B, Hkv, G, N]`` for
+        ``per_q_head``), :meth:`label_scores` reduced over the new queries (max) and the group's heads
+        (``gqa_policy``), ``-inf`` outside the candidates (``pos < len - forced``). Updates the
+        label cache first. With :func:`use_triton_estimator` one Triton kernel reads the label pool
+        through the page table and writes only this (float32); otherwise the PyTorch path."""
         B, Hq, Lq, _ = q.shape
-        Hkv = cache.num_kv_heads
-        G = Hq // Hkv
+        n_forced = Lq if self.force_new_tokens else 0
+        fused = (torch.float16, torch.bfloat16, torch.float32)
+        if q.dtype in fused and cache.dtype in fused and use_triton_estimator(q):
+            from ..kernels.label_score_triton import label_scores_triton
+
+            st = self._update_labels(q, cache, layer, prompt=False)
+            ch, pool = st["channels"], st["pool"]
+            qlab = self._query_labels(q, ch, torch.float32).view(B, Hq, Lq, ch.shape[1])
+            return label_scores_triton(qlab, pool["labels" if self.label_bits == 16 else "codes"], cache.page_table,
+                                       cache.layer_lengths(layer), page_size=cache.page_size,
+                                       num_kv_heads=cache.num_kv_heads, label_bits=self.label_bits,
+                                       lo=pool.get("lo"), step=pool.get("step"), gqa_policy=self.gqa_policy,
+                                       n_forced=n_forced, scale=ch.shape[1] ** -0.5)
         s5 = self.label_scores(q, cache, layer)  # [B, Hkv, G, Lq, N]
         N = s5.shape[-1]
-        dev = q.device
         lengths = cache.layer_lengths(layer).long().view(B, 1, 1)
-        n_forced = Lq if self.force_new_tokens else 0
-        pos = torch.arange(N, device=dev).view(1, 1, N)
-        candidate = pos < lengths - n_forced  # [B, 1, N]
-        forced = (pos >= lengths - n_forced) & (pos < lengths)
-        free = max(self.token_budget - n_forced, 0)
+        candidate = torch.arange(N, device=q.device).view(1, 1, N) < lengths - n_forced  # [B, 1, N]
         neg = s5.new_full((), float("-inf"))
-        per_head = self.gqa_policy == "per_q_head"
         if self.gqa_policy == "group_max":  # max over heads and new queries in one pass
-            score = torch.where(candidate, s5.amax(dim=(2, 3)), neg)
-            width = free + n_forced
-        else:
-            s = s5[:, :, :, 0] if Lq == 1 else s5.amax(3)  # [B, Hkv, G, N]: max over the new queries (a view at Lq = 1)
-            if per_head:
-                score = torch.where(candidate.unsqueeze(2), s, neg)
-                width = max(G * free + n_forced, n_forced)
-            else:
-                score = torch.where(candidate, s.sum(2), neg)
-                width = free + n_forced
+            return torch.where(candidate, s5.amax(dim=(2, 3)), neg)
+        s = s5[:, :, :, 0] if Lq == 1 else s5.amax(3)  # [B, Hkv, G, N]: max over the new queries (a view at Lq = 1)
+        if self.gqa_policy == "per_q_head":
+            return torch.where(candidate.unsqueeze(2), s, neg)
+        return torch.where(candidate, s.sum(2), neg)
+
+    def _select(self, q, cache, layer):
+        B, Hq, Lq, _ = q.shape
+        G = Hq // cache.num_kv_heads
+        score = self.token_scores(q, cache, layer)  # [B, Hkv, N] or [B, Hkv, G, N]
+        N = score.shape[-1]
+        dev = q.device
+        n_forced = Lq if self.force_new_tokens else 0
+        free = max(self.token_budget - n_forced, 0)
+        per_head = self.gqa_policy == "per_q_head"
+        width = max(G * free + n_forced, n_forced) if per_head else free + n_forced
         width = max(1, min(N, width))
         if use_triton_estimator(q):  # top-k + O(k) assembly instead of a full sort and an O(N) compaction
             return topk_token_selection(score, free, lengths=cache.layer_lengths(layer), page_size=cache.page_size,
                                         width=width, forced_last=n_forced)
+        lengths = cache.layer_lengths(layer).long().view(B, 1, 1)
+        pos = torch.arange(N, device=dev).view(1, 1, N)
+        candidate = pos < lengths - n_forced  # [B, 1, N]
+        forced = (pos >= lengths - n_forced) & (pos < lengths)
         n = torch.full(score.shape[:-1], free, dtype=torch.long, device=dev)
         keep = rank_mask(score, n) & (candidate.unsqueeze(2) if per_head else candidate)
         if per_head:
