@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Optional
+import subprocess
+from pathlib import Path
+from typing import List, Optional
 
 import torch
 
@@ -49,3 +51,45 @@ def method_objects(text: Optional[str]) -> dict:
     except ValueError as exc:
         raise SystemExit(f"--methods: {exc}") from None
     return {spec.label: spec.method() for spec in specs}
+
+
+def git_commit() -> str:
+    """The checkout's short commit (``-dirty`` with uncommitted changes to tracked files), or
+    ``unknown`` (no git, e.g. a copy on a GPU machine: set ``SPARSEATTN_COMMIT`` there)."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
+                                timeout=10).stdout.strip()
+        if not commit:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def parse_layer_list(text: str, n_layers: Optional[int] = None) -> List[int]:
+    """``--layers``: a comma list of layer indices (repeats dropped, order kept); with ``n_layers``
+    also ``all`` (or empty) for every layer, and indices are checked against the model's depth."""
+    if n_layers is not None and str(text).strip().lower() in ("all", ""):
+        return list(range(n_layers))
+    expected = "'all' or a comma list of ints" if n_layers is not None else "a comma list of ints"
+    layers = []
+    for raw in str(text).split(","):
+        s = raw.strip()
+        if not s:
+            continue
+        try:
+            i = int(s)
+        except ValueError:
+            raise SystemExit(f"bad layer {s!r} in --layers {text!r}: expected {expected}") from None
+        if i < 0:
+            raise SystemExit(f"bad layer {i} in --layers: layers are >= 0")
+        if n_layers is not None and i >= n_layers:
+            raise SystemExit(f"layer {i} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+        if i not in layers:
+            layers.append(i)
+    if not layers:
+        raise SystemExit(f"--layers {text!r} names no layer")
+    return layers

@@ -35,7 +35,6 @@ import os
 import platform
 import resource
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -133,41 +132,11 @@ def oracle_name(mass: float) -> str:
 
 
 def parse_layers(text: str, n_layers: int) -> List[int]:
-    if str(text).strip().lower() in ("all", ""):
-        return list(range(n_layers))
-    layers = []
-    for raw in str(text).split(","):
-        s = raw.strip()
-        if not s:
-            continue
-        try:
-            i = int(s)
-        except ValueError:
-            raise SystemExit(f"bad layer {s!r} in --layers {text!r}: expected 'all' or a comma list of ints") from None
-        if not 0 <= i < n_layers:
-            raise SystemExit(f"layer {i} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-        if i not in layers:
-            layers.append(i)
-    if not layers:
-        raise SystemExit(f"--layers {text!r} names no layer")
-    return sorted(layers)
+    """``--layers`` of a model with ``n_layers`` layers: ``all`` or a comma list, sorted."""
+    return sorted(_env.parse_layer_list(text, n_layers))
 
 
 # ----------------------------------------------------------------------------- environment
-def _git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
-                                timeout=10).stdout.strip()
-        if not commit:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=here, timeout=10).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
-
-
 def _peak_rss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return kb / 1024.0
@@ -601,7 +570,7 @@ def run(args) -> int:
     res = _load_results(path, meta)
     device_name = _env.device_name(device)
     run_info = {"command": _command(args), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "device": device_name, "commit": os.environ.get("SPARSEATTN_COMMIT") or _git_commit(),
+                "device": device_name, "commit": os.environ.get("SPARSEATTN_COMMIT") or _env.git_commit(),
                 "torch": torch.__version__, "transformers": transformers.__version__,
                 "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
                 "lengths": lengths, "methods": method_names, "oracles": list(oracles), "layers": layers}

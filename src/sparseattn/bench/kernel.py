@@ -19,13 +19,13 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 from ..plan import BlockPlan
+from ._env import git_commit
 
 SHAPES = {"32/8/128": (32, 8, 128), "9/3/64": (9, 3, 64)}
 
@@ -127,20 +127,12 @@ def _causal_flops(Hq, L, D):
     return 4.0 * Hq * D * L * (L + 1) / 2  # QK^T and PV over the causal triangle
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
 def environment() -> dict:
     import triton
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(), "commit": os.environ.get("SPARSEATTN_COMMIT") or _git_commit(),
+            "date": datetime.date.today().isoformat(), "commit": os.environ.get("SPARSEATTN_COMMIT") or git_commit(),
             "command": "sparseattn " + " ".join(sys.argv[1:])}
 
 

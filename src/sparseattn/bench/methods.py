@@ -53,6 +53,7 @@ from typing import Callable, List, Mapping, Optional, Sequence
 import torch
 
 from ..plan import BlockPlan
+from ._env import parse_layer_list
 
 DEFAULT_OUT = "runs/bench_methods.json"
 CASES = ("real", "synthetic")
@@ -141,25 +142,6 @@ def parse_shape(text: str):
     if min(Hq, Hkv, D) <= 0 or Hq % Hkv or D % 2 or D < 16:
         raise SystemExit(f"bad --synthetic-shape {text!r} (Hq/Hkv/D): need Hq a multiple of Hkv and an even D >= 16")
     return Hq, Hkv, D
-
-
-def parse_layer_list(text: str) -> List[int]:
-    layers = []
-    for raw in str(text).split(","):
-        s = raw.strip()
-        if not s:
-            continue
-        try:
-            i = int(s)
-        except ValueError:
-            raise SystemExit(f"bad layer {s!r} in --layers {text!r}: expected a comma list of ints") from None
-        if i < 0:
-            raise SystemExit(f"bad layer {i} in --layers: layers are >= 0")
-        if i not in layers:
-            layers.append(i)
-    if not layers:
-        raise SystemExit(f"--layers {text!r} names no layer")
-    return layers
 
 
 def parse_mass(text: str) -> Optional[float]:
