@@ -144,3 +144,13 @@ def test_graph_count_is_bounded(graphs_on):
         method.plan(q, k, v)
     captured = sum(isinstance(x, graphs._Graph) for x in graphs._graphs.values())
     assert captured == graphs.MAX_GRAPHS
+
+
+@requires_cuda
+def test_inputs_that_require_grad(graphs_on):
+    method = sa.get_method("block_topk")
+    q, k, v = qkv(4, "cuda")
+    q.requires_grad_(True)  # e.g. a training forward: the plan itself needs no gradient
+    plans = [method.plan(q, k, v) for _ in range(3)]  # eager, capture + replay, replay
+    assert isinstance(graphs._graphs[next(iter(graphs._graphs))], graphs._Graph)
+    assert all(plans_equal(p, plans[0]) for p in plans)

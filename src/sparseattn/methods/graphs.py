@@ -112,6 +112,11 @@ def graphed_plan(method, q, k, v, *, causal: bool, layer_idx: Optional[int]):
     should run the method eagerly."""
     if not _enabled or not q.is_cuda or torch.cuda.is_current_stream_capturing():
         return None
+    with torch.no_grad():  # a plan is integers: no autograd history inside a captured graph
+        return _graphed_plan(method, q, k, v, causal, layer_idx)
+
+
+def _graphed_plan(method, q, k, v, causal, layer_idx):
     key = _key(method, q, k, v, causal, layer_idx)
     state = _graphs.get(key)
     try:
