@@ -119,7 +119,8 @@ def test_mean_scores_match_pytorch(Hq, Hkv, Lq, P, sink, local):
 @pytest.mark.parametrize("budget,recent,sink_pages,forced_in_budget",
                          [(5, 1, 0, True), (5, 3, 0, True), (200, 3, 0, True), (4, 9, 2, False), (0, 1, 1, False),
                           (300, 2, 3, False)])
-def test_top_pages_selection_matches_rank_mask(budget, recent, sink_pages, forced_in_budget):
+@pytest.mark.parametrize("method", ["bisect", "topk"])
+def test_top_pages_selection_matches_rank_mask(budget, recent, sink_pages, forced_in_budget, method):
     # Tie-free scores: a random permutation per row (distinct values), ragged lengths.
     B, H, P = 4, 3, 4
     lengths = torch.tensor([1, 9, 130, 257], dtype=torch.int32, device=DEVICE)
@@ -134,14 +135,34 @@ def test_top_pages_selection_matches_rank_mask(budget, recent, sink_pages, force
     width = min(max_pages, budget + sink_pages + recent // P + 2)
     kw = dict(page_size=P, budget=budget, recent=recent, width=width, sink_pages=sink_pages,
               forced_in_budget=forced_in_budget)
-    got = top_pages_selection(scores, lengths, block_k=16, **kw)  # several assembly chunks per row
+    got = top_pages_selection(scores, lengths, block_k=16, method=method, **kw)  # topk: several assembly chunks
     got.validate(lengths)
     assert_same_selection(got, reference_selection(scores, lengths, **kw))
 
 
-def test_ties_still_give_a_valid_selection_of_the_right_size(monkeypatch):
-    # All scores equal (q = 0): torch.topk may break ties differently from the stable sort of the
-    # PyTorch path, but the selection must be valid and the same size.
+@pytest.mark.parametrize("forced_in_budget", [True, False])
+def test_bisection_breaks_ties_like_the_stable_sort(forced_in_budget):
+    # Few distinct values (many ties at the cut), strided scores, a row longer than one warp's
+    # share, a width narrower than max_pages: exactly the PyTorch path's pages.
+    B, H, P = 3, 2, 16
+    lengths = torch.tensor([5, 700, 4000], dtype=torch.int32, device=DEVICE)
+    max_pages = -(-4000 // P)
+    g = torch.Generator().manual_seed(3)
+    full = torch.randint(0, 4, (B, max_pages, H), generator=g).float().to(DEVICE)
+    scores = full.transpose(1, 2)  # non-contiguous
+    N = lengths.long().view(-1, 1, 1)
+    r = torch.div((N - 2).clamp(min=0), P, rounding_mode="floor")
+    idx = torch.arange(max_pages, device=DEVICE).view(1, 1, -1)
+    scores = scores.masked_fill((idx < r.clamp(max=1)) | (idx >= r), float("-inf"))
+    kw = dict(page_size=P, budget=37, recent=2, width=41, sink_pages=1, forced_in_budget=forced_in_budget)
+    got = top_pages_selection(scores, lengths, method="bisect", **kw)
+    got.validate(lengths)
+    assert_same_selection(got, reference_selection(scores, lengths, **kw))
+
+
+def test_all_ties_give_the_pytorch_pages(monkeypatch):
+    # All scores equal (q = 0): the bisection keeps the lowest pages among equal scores, as the
+    # stable sort of the PyTorch path does (torch.topk, the long-row fallback, would not).
     lengths = [37, 203, 150]
     cache = make_cache(3, 2, 32, lengths, dtype=F32, layers=3)
     q = torch.zeros(3, 6, 1, 32, device=DEVICE)
@@ -149,8 +170,7 @@ def test_ties_still_give_a_valid_selection_of_the_right_size(monkeypatch):
                            (block_topk_mod, get_decode_method("block_topk", topk_pages=4))):
         got, want = both_paths(monkeypatch, module, method, q, cache, 2)
         got.validate(cache.layer_lengths(2))
-        assert got.pages.shape == want.pages.shape
-        assert torch.equal(got.page_counts.cpu(), want.page_counts.cpu())
+        assert_same_selection(got, want)
 
 
 # ----------------------------------------------------------------------------- through the methods
@@ -228,6 +248,9 @@ def test_bad_inputs_raise():
         quest_page_scores_triton(q, *args[:2], cache.page_table.long(), args[3], page_size=16)
     with pytest.raises(ValueError, match="lengths"):
         mean_page_scores_triton(q, cache.page_meta_pool(0, "mean"), cache.page_table, args[3][:1], page_size=16)
+    with pytest.raises(ValueError, match="method"):
+        top_pages_selection(torch.zeros(2, 2, 3, device=DEVICE), args[3], page_size=16, budget=1, recent=1, width=3,
+                            method="sort")
     with pytest.raises(ValueError, match="budget"):
         top_pages_selection(torch.zeros(2, 2, 3, device=DEVICE), args[3], page_size=16, budget=-1, recent=1, width=3)
 

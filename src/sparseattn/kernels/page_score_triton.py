@@ -2,8 +2,9 @@
 
 Tiers: ``_quest_scores`` / ``_mean_scores`` (score every candidate page of one (batch, KV head)
 in chunks of ``BLOCK_P`` pages, reading the page metadata through the page table: no gathered
-copy) and ``_assemble`` (top-k page ids -> ascending ``DecodeSelection`` rows with the forced
-pages) -> ``quest_page_scores_triton``, ``mean_page_scores_triton``, ``top_pages_selection`` ->
+copy), ``_select_pages`` (one program per row: bisection for the cut score, forced pages, ascending
+``DecodeSelection`` rows; the fallback for rows too long for registers is ``torch.topk`` +
+``_assemble``) -> ``quest_page_scores_triton``, ``mean_page_scores_triton``, ``top_pages_selection`` ->
 ``quest_select_triton`` / ``block_topk_select_triton`` (what ``Quest._select`` and
 ``BlockTopKDecode._select`` call on CUDA).
 
@@ -11,13 +12,13 @@ Pages of a sequence with ``N`` tokens fall in three ranges (``P`` = page size):
 ``[0, head)`` forced (block top-k's sink pages), ``[head, first_recent)`` candidates, and
 ``[first_recent, ceil(N / P))`` forced (the pages of the step's new tokens, plus block top-k's
 ``local`` tokens), where ``first_recent = max(N - recent, 0) // P`` and ``head = min(sink_pages,
-first_recent)``. Scores are ``-inf`` outside the candidate range. One step is three launches
-(scores, ``torch.topk``, assembly) and never reads a device value back on the host.
+first_recent)``. Scores are ``-inf`` outside the candidate range. One step is two launches
+(scores, selection) and never reads a device value back on the host.
 
 Ties: the PyTorch path (``rank_mask``: stable sort) keeps the lower page index among equal
-scores. ``torch.topk`` gives no such guarantee (neither on CUDA nor on CPU), so on exact ties at
-the budget's edge this path may pick a different (equally scored) page. The selection is still
-valid and of the same size.
+scores, and so does the bisection. ``torch.topk`` (the fallback) gives no such guarantee, so on
+exact ties at the budget's edge it may pick a different (equally scored) page; the selection is
+still valid and of the same size.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import triton_interpreting
+from .select_triton import MAX_KEY_BLOCKS, _select_row
 
 SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GQA_REDUCTIONS = ("group_max", "group_sum")
@@ -189,6 +191,29 @@ def _assemble(Top, Lengths, Counts, Pages, H, k, width, page_size, budget, sink_
         tl.store(Counts + row, tail_start + n_tail)
 
 
+@triton.jit
+def _select_pages(Scores, Lengths, Counts, Pages, H, max_pages, width, page_size, budget, sink_pages, recent,
+                  stride_sb, stride_sh, stride_sp, finite_max,
+                  FORCED_IN_BUDGET: tl.constexpr, TILE: tl.constexpr):
+    """One (batch, head) row: forced pages + the best ``free`` candidates, ascending, in one program.
+
+    The row's geometry maps onto the prefill block selector (``select_triton._select_row``): the
+    sink pages are its sink blocks, the tail ``[first_recent, n_pages)`` its "diagonal" run, the
+    visible limit ``n_pages``; the cut is found by bisection over the score bits (no sort), ties go
+    to the lower page, as in the PyTorch path's stable sort.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    b = row // H
+    h = row % H
+    head, first_recent, n_pages = _candidate_range(Lengths, b, page_size, sink_pages, recent)
+    n_forced = head + (n_pages - first_recent)
+    value = budget + 0 * n_forced  # forced pages count toward the budget (Quest) ...
+    if not FORCED_IN_BUDGET:
+        value = budget + n_forced  # ... or come on top of it (block top-k)
+    _select_row(Scores, Counts, Pages, row, b * stride_sb + h * stride_sh, stride_sp, value, width, n_pages,
+                first_recent, n_pages - 1, head, 0, finite_max, True, True, TILE)
+
+
 # ----------------------------------------------------------------------------- wrappers
 def _check_common(q: torch.Tensor, pools: dict, page_table: torch.Tensor, lengths: torch.Tensor) -> tuple:
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
@@ -329,7 +354,7 @@ def mean_page_scores_triton(q: torch.Tensor, meta_mean: torch.Tensor, page_table
 
 def top_pages_selection(scores: torch.Tensor, lengths: torch.Tensor, *, page_size: int, budget: int,
                         recent: int, width: int, sink_pages: int = 0, forced_in_budget: bool = False,
-                        block_k: int = DEFAULT_BLOCK_K):
+                        block_k: int = DEFAULT_BLOCK_K, method: str = "auto"):
     """The forced pages plus the best candidate pages of each (batch, head) as a ``DecodeSelection``.
 
     Args:
@@ -345,9 +370,15 @@ def top_pages_selection(scores: torch.Tensor, lengths: torch.Tensor, *, page_siz
     Returns:
         ``DecodeSelection`` with int32 ``page_counts [B, H]`` and ``pages [B, H, width]``
         (ascending, zeros after the count), as ``DecodeSelection.from_page_mask`` lays it out.
-        ``torch.topk`` picks the candidates (a radix select of ``k`` ids, not a full sort; ``k``
-        is a host int from ``budget`` and the shapes), then one Triton launch sorts them and
-        appends the forced pages. No host sync.
+        No host sync.
+
+    ``method``: ``"bisect"`` (default while a row fits one program, ``max_pages <=``
+    ``select_triton.MAX_KEY_BLOCKS``): one launch, one program per row holds the row in registers,
+    bisects for the cut score and writes the pages; ties go to the lower page (the PyTorch path's
+    order). ``"topk"``: ``torch.topk`` picks the candidates (a radix select of ``k`` ids; ``k`` a
+    host int from ``budget`` and the shapes), then one Triton launch sorts them and appends the
+    forced pages; ties at the budget's edge are unspecified. On the H100 at 128K tokens (8192
+    pages, 8 rows) torch.topk alone took 46 us of a 79 us Quest step (its single-block kernel).
     """
     from ..decode_api import DecodeSelection
 
@@ -362,6 +393,11 @@ def top_pages_selection(scores: torch.Tensor, lengths: torch.Tensor, *, page_siz
                              ("sink_pages", sink_pages, 0), ("page_size", page_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if method not in ("auto", "bisect", "topk"):
+        raise ValueError(f"method must be 'auto', 'bisect' or 'topk', got {method!r}")
+    if method == "bisect" and max_pages > MAX_KEY_BLOCKS:
+        raise ValueError(f"method='bisect' holds a row in registers: at most {MAX_KEY_BLOCKS} pages, got {max_pages}")
+    bisect = method == "bisect" or (method == "auto" and max_pages <= MAX_KEY_BLOCKS)
     # How many ids topk returns. When every row chooses the same number of pages (forced pages on
     # top of the budget, or Quest at Lq = 1, where exactly one page is forced) that number is
     # enough and their order does not matter; otherwise rows take a prefix of a sorted list.
@@ -378,6 +414,14 @@ def top_pages_selection(scores: torch.Tensor, lengths: torch.Tensor, *, page_siz
         return DecodeSelection(counts, pages, page_size)
     if max_pages == 0:  # no page anywhere: every count is 0
         return DecodeSelection(counts.zero_(), pages.zero_(), page_size)
+    if bisect:
+        tile = max(16, triton.next_power_of_2(max_pages))
+        sc = scores if scores.dtype in SCORE_DTYPES else scores.float()
+        _select_pages[(B * H,)](sc, lengths, counts, pages, H, max_pages, width, page_size, budget, sink_pages,
+                                recent, sc.stride(0), sc.stride(1), sc.stride(2), float(torch.finfo(sc.dtype).max),
+                                FORCED_IN_BUDGET=forced_in_budget, TILE=tile,
+                                num_warps=min(16, max(1, tile // 512)))
+        return DecodeSelection(counts, pages, page_size)
     top = torch.topk(scores, k, dim=-1, sorted=ordered).indices.contiguous()
     _assemble[(B * H, triton.cdiv(k, block_k))](
         top, lengths, counts, pages, H, k, width, page_size, budget, sink_pages, recent,

@@ -100,7 +100,7 @@ def _select_row(Scores, Counts, Indices, row, score_row, stride_sn, value, num_k
     rank = tl.cumsum(keep.to(tl.int32), 0) - 1
     count = tl.sum(keep.to(tl.int32), 0)
     out = Indices + row * width
-    tl.store(out + rank, offs, mask=keep)
+    tl.store(out + rank, offs, mask=keep & (rank < width))  # a caller's narrower width never spills into the next row
     zeros = tl.zeros([TILE], dtype=tl.int32)
     tl.store(out + offs, zeros, mask=(offs >= count) & (offs < width))
     for c in range(TILE, width, TILE):
