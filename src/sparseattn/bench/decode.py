@@ -21,7 +21,10 @@ rate in ``GPU.md``) plus ``--latency-us``. ``kernel_tbs`` = selected K/V bytes /
 CUDA graphs (``--graphs``, default on): each timed closure is captured once and replayed, which
 removes the Python/launch overhead of the many small ops of a selection; methods whose step
 depends on host state (``graph_safe = False``, e.g. a host step counter) or whose capture fails
-are timed eagerly, and the row says which (``mode``).
+are timed eagerly, and the row says which (``mode``). Recycled Attention (a host counter picks a
+full or a recycle step) is timed per phase (:func:`time_phases`): one captured full step and one
+captured recycle step, ``layer_ms = (full_ms + (stride - 1) * recycle_ms) / stride``, ``mode``
+"graph (phases)"; its ``select_ms`` / ``kernel_ms`` / ``read_tokens`` are the recycle step's.
 
 Results: ``OUT/results.json`` (rows + environment) and ``OUT/table.md``; rows are printed as they
 finish. On a CPU the same code runs with ``time.perf_counter`` and the reference kernels (for
@@ -235,6 +238,28 @@ def method_for(name: str, budget: Optional[int], page_size: int):
     return get_method(name, kind="decode", **{k: v for k, v in overrides.items() if k in valid})
 
 
+def time_phases(method, cache: PagedKVCache, q: torch.Tensor, layer: int, timer: Timer) -> dict:
+    """Recycled Attention at ``layer``: its full step and its recycle step each timed as its own
+    closure (through a CUDA graph where the timer allows: :meth:`set_phase` pins the phase, a host
+    write that runs at capture), amortised over the stride. The captured full step refreshes the
+    stored set in place, so the recycle step's capture reads the same buffers."""
+
+    def step(phase):
+        method.set_phase(cache, layer, phase)
+        return sparse_decode_attention(q, cache, layer, method.select(q, cache, layer))
+
+    stride = method.stride
+    full_ms, full_mode = timer(lambda: step("full"), True)
+    if stride == 1:  # every step is a full step
+        recycle_ms, recycle_mode = None, full_mode
+    else:
+        recycle_ms, recycle_mode = timer(lambda: step("recycle"), True)
+    modes = {full_mode, recycle_mode}
+    mode = "graph (phases)" if modes == {"graph"} else " + ".join(sorted(modes)) + " (phases)"
+    layer_ms = full_ms if recycle_ms is None else (full_ms + (stride - 1) * recycle_ms) / stride
+    return {"layer_ms": layer_ms, "full_ms": full_ms, "recycle_ms": recycle_ms, "mode": mode}
+
+
 def run_method(name: str, budget: Optional[int], cache: PagedKVCache, q: torch.Tensor, prompt_q: torch.Tensor,
                timer: Timer, args) -> dict:
     method = method_for(name, budget, args.page_size)
@@ -252,10 +277,19 @@ def run_method(name: str, budget: Optional[int], cache: PagedKVCache, q: torch.T
     layer_step(0)
     sel1 = method.select(q, cache, 1)
     row["read_tokens"] = _selected_tokens(sel1, cache, 1)
-    row["sel_layer_ms"], _ = timer(lambda: layer_step(0), graph_ok)
-    layer_step(0)
-    row["layer_ms"], row["mode"] = timer(lambda: layer_step(1), graph_ok)
-    row["select_ms"], _ = timer(lambda: method.select(q, cache, 1), graph_ok)
+    if callable(getattr(method, "set_phase", None)):  # Recycled Attention: each phase on its own
+        row["sel_layer_ms"] = time_phases(method, cache, q, 0, timer)["layer_ms"]
+        row.update(time_phases(method, cache, q, 1, timer))
+        if method.stride > 1:  # the recycle step's select (sel1 above is a recycle step's selection)
+            row["select_ms"], _ = timer(lambda: (method.set_phase(cache, 1, "recycle"), method.select(q, cache, 1)),
+                                        True)
+        else:
+            row["select_ms"], _ = timer(lambda: method.select(q, cache, 1), True)
+    else:
+        row["sel_layer_ms"], _ = timer(lambda: layer_step(0), graph_ok)
+        layer_step(0)
+        row["layer_ms"], row["mode"] = timer(lambda: layer_step(1), graph_ok)
+        row["select_ms"], _ = timer(lambda: method.select(q, cache, 1), graph_ok)
     row["kernel_ms"], _ = timer(lambda: sparse_decode_attention(q, cache, 1, sel1), True)
     B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
     item = torch.finfo(cache.dtype).bits // 8
@@ -380,4 +414,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "run", "markdown_table", "metadata_bytes", "BUDGET_KNOBS"]
+__all__ = ["add_arguments", "run", "markdown_table", "metadata_bytes", "time_phases", "BUDGET_KNOBS"]

@@ -354,7 +354,7 @@ def mean_page_scores_triton(q: torch.Tensor, meta_mean: torch.Tensor, page_table
 
 def top_pages_selection(scores: torch.Tensor, lengths: torch.Tensor, *, page_size: int, budget: int,
                         recent: int, width: int, sink_pages: int = 0, forced_in_budget: bool = False,
-                        block_k: int = DEFAULT_BLOCK_K, method: str = "auto"):
+                        block_k: int = DEFAULT_BLOCK_K, method: str = "auto", num_warps: Optional[int] = None):
     """The forced pages plus the best candidate pages of each (batch, head) as a ``DecodeSelection``.
 
     Args:
@@ -377,7 +377,9 @@ def top_pages_selection(scores: torch.Tensor, lengths: torch.Tensor, *, page_siz
     bisects for the cut score and writes the pages; ties go to the lower page (the PyTorch path's
     order). ``"topk"``: ``torch.topk`` picks the candidates (a radix select of ``k`` ids; ``k`` a
     host int from ``budget`` and the shapes), then one Triton launch sorts them and appends the
-    forced pages; ties at the budget's edge are unspecified. On the H100 at 128K tokens (8192
+    forced pages; ties at the budget's edge are unspecified. ``num_warps``: the bisection
+    program's (default: 4 warps up to 4096 pages, then about 32 pages per thread up to 16 warps: the
+    fastest of 2/4/8/16 in ``scripts/sweep_select_pages.py`` on the H100). On the H100 at 128K tokens (8192
     pages, 8 rows) torch.topk alone took 46 us of a 79 us Quest step (its single-block kernel).
     """
     from ..decode_api import DecodeSelection
@@ -420,7 +422,7 @@ def top_pages_selection(scores: torch.Tensor, lengths: torch.Tensor, *, page_siz
         _select_pages[(B * H,)](sc, lengths, counts, pages, H, max_pages, width, page_size, budget, sink_pages,
                                 recent, sc.stride(0), sc.stride(1), sc.stride(2), float(torch.finfo(sc.dtype).max),
                                 FORCED_IN_BUDGET=forced_in_budget, TILE=tile,
-                                num_warps=min(16, max(1, tile // 512)))
+                                num_warps=num_warps or min(16, max(4, tile // 1024)))
         return DecodeSelection(counts, pages, page_size)
     top = torch.topk(scores, k, dim=-1, sorted=ordered).indices.contiguous()
     _assemble[(B * H, triton.cdiv(k, block_k))](
