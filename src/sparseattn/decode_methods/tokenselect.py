@@ -110,11 +110,22 @@ class TokenSelect(DecodeMethod):
         """float ``[B, n]``: ``S(j) = sum_h softmax_candidates(logit_h(j))`` (maxpooled when
         ``kernel_size > 1``), ``-inf`` outside the candidates."""
         B, Hq = qbar.shape[:2]
-        logits = exact_logits(qbar, cache, layer, scale=self.logit_scale).view(B, Hq, -1)  # [B, Hq, n]
-        neg = logits.new_full((), float("-inf"))
-        logits = torch.where(candidate.unsqueeze(1), logits, neg)
-        s = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(1)  # [B, n]; rows without candidates: 0
-        s = torch.where(candidate, s, neg)
+        fused = (torch.float16, torch.bfloat16, torch.float32)
+        if use_triton_estimator(qbar) and qbar.dtype in fused and cache.dtype in fused:
+            # Logits + per-head candidate softmax statistics in one pass over K, then one pass over
+            # the logits for the votes (instead of five PyTorch passes over [B, Hq, n]).
+            from ..kernels.token_votes_triton import token_votes_triton
+
+            scale = qbar.shape[-1] ** -0.5 if self.logit_scale is None else self.logit_scale
+            s = token_votes_triton(qbar, cache.k_pages(layer), cache.page_table, cache.layer_lengths(layer),
+                                   candidate, page_size=cache.page_size, scale=scale)
+            neg = s.new_full((), float("-inf"))
+        else:
+            logits = exact_logits(qbar, cache, layer, scale=self.logit_scale).view(B, Hq, -1)  # [B, Hq, n]
+            neg = logits.new_full((), float("-inf"))
+            logits = torch.where(candidate.unsqueeze(1), logits, neg)
+            s = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(1)  # [B, n]; rows without candidates: 0
+            s = torch.where(candidate, s, neg)
         k = self.kernel_size
         if k > 1:
             left = (k - 1) // 2  # the official padding=(k-1)//2, stride 1; even k: the window leans right

@@ -14,6 +14,8 @@ programs at batch 1; tokens past a sequence's length are written as ``-inf`` wit
 ``paged_probs_triton`` adds the softmax over each row: the logits kernel also writes each row's
 running max / sum-exp of its run, and ``_normalise`` folds those and rewrites the logits in place
 as probabilities (one read + one write of the logits instead of softmax + ``nan_to_num``).
+``_launch(..., stats_mask=)`` restricts those statistics to the tokens of a bool ``[B, N]`` mask
+(TokenSelect's candidates: :mod:`sparseattn.kernels.token_votes_triton`); the logits are unchanged.
 
 Products (``PRODUCTS``), all with fp32 accumulation, chosen from the dtypes:
 
@@ -79,15 +81,15 @@ def _qk(q, q_mid, q_lo, k, SUM: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.co
 
 @triton.jit
 def _paged_logits(
-    Q, KP, Table, Lengths, Out, Stats,
+    Q, KP, Table, Lengths, Out, Stats, StatMask,
     scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kp, stride_kh, stride_ks, stride_kd,
-    stride_tb, stride_tp, stride_lb,
+    stride_tb, stride_tp, stride_lb, stride_sb, stride_sn,
     num_kv_heads, q_len, n_tokens, tokens_per_prog, num_runs, head_dim,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PAD_D: tl.constexpr, SUM: tl.constexpr, SPLIT: tl.constexpr,
-    UPCAST: tl.constexpr, STATS: tl.constexpr,
+    UPCAST: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr,
 ):
     run = tl.program_id(0)
     bh = tl.program_id(1)
@@ -127,6 +129,7 @@ def _paged_logits(
     out_rows = Out + grow64 * n_tokens
     k_head = KP + hk.to(tl.int64) * stride_kh
     table_row = Table + b64 * stride_tb
+    mask_row = StatMask + b64 * stride_sb
 
     s0 = run * tokens_per_prog
     s1 = tl.minimum(s0 + tokens_per_prog, n_tokens)
@@ -144,15 +147,20 @@ def _paged_logits(
         phys = phys_next
         nxt = pos + BLOCK_N
         phys_next = tl.load(table_row + (nxt // PAGE_SIZE).to(tl.int64) * stride_tp, mask=nxt < live, other=0)
+        if MASKED:  # issued before K: the (tiny, L2-resident) mask load overlaps the key load
+            in_stats = tl.load(mask_row + pos.to(tl.int64) * stride_sn, mask=ok, other=0) != 0
         k = _load_k(k_head, phys, pos % PAGE_SIZE, ok, offs_d, head_dim, stride_kp, stride_ks, stride_kd, PAD_D)
         qk = _qk(q, q_mid, q_lo, k, SUM, SPLIT, UPCAST)
         # pos <= qpos also masks pos >= seq_len (qpos < seq_len) and padding rows (qpos < 0).
         x = tl.where(pos[None, :] <= qpos[:, None], qk * scale, float("-inf"))
         tl.store(out_rows[:, None] + pos[None, :], x, mask=row_ok[:, None] & (pos < s1)[None, :])
         if STATS:
-            m_new = tl.maximum(m_i, tl.max(x, 1))
+            xs = x
+            if MASKED:
+                xs = tl.where(in_stats[None, :], x, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(xs, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp(-inf) = 0
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(xs - m_safe[:, None]), 1)
             m_i = m_new
 
     # Tiles past the sequence's end (ragged batch, unused table columns): -inf, nothing to read.
@@ -291,10 +299,20 @@ def _check(q, k_pages, page_table, lengths, page_size, scale):
     return B, Hq, Lq, D, Hkv
 
 
-def _launch(q, k_pages, page_table, lengths, page_size, scale, use_dot, config, stats):
+def _launch(q, k_pages, page_table, lengths, page_size, scale, use_dot, config, stats, stats_mask=None):
+    """The logits launch; with ``stats`` also each row's per-run (max, sum-exp) ``[rows, runs, 2]``,
+    over the tokens where ``stats_mask`` (bool ``[B, N]``, optional) is True, else over every token."""
     B, Hq, Lq, D, Hkv = _check(q, k_pages, page_table, lengths, page_size, scale)
     G = Hq // Hkv
     N = page_table.shape[1] * page_size
+    if stats_mask is not None:
+        if not stats:
+            raise ValueError("stats_mask restricts the row statistics: it needs stats=True")
+        if not isinstance(stats_mask, torch.Tensor) or stats_mask.dtype != torch.bool \
+                or tuple(stats_mask.shape) != (B, N) or stats_mask.device != q.device:
+            got = (stats_mask.dtype, tuple(stats_mask.shape), stats_mask.device) \
+                if isinstance(stats_mask, torch.Tensor) else type(stats_mask).__name__
+            raise ValueError(f"stats_mask must be a bool [B={B}, N={N}] tensor on {q.device}, got {got}")
     out = torch.empty((B, Hkv, G, Lq, N), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, None, 0, 1
@@ -312,14 +330,17 @@ def _launch(q, k_pages, page_table, lengths, page_size, scale, use_dot, config, 
     per = tokens_per_program(N, B * Hkv * row_tiles, block_n, q.device)
     runs = triton.cdiv(N, per)
     stats_buf = torch.empty((B * Hkv * rows, runs, 2), dtype=torch.float32, device=q.device) if stats else out
+    # The mask as bytes (a free view); without one, any pointer (never read) and zero strides.
+    smask = stats_mask.view(torch.uint8) if stats_mask is not None else lengths
+    smask_strides = stats_mask.stride() if stats_mask is not None else (0, 0)
     _paged_logits[(runs, B * Hkv, row_tiles)](
-        q, k_pages, page_table, lengths, out, stats_buf,
+        q, k_pages, page_table, lengths, out, stats_buf, smask,
         float(scale),
-        *q.stride(), *k_pages.stride(), *page_table.stride(), lengths.stride(0),
+        *q.stride(), *k_pages.stride(), *page_table.stride(), lengths.stride(0), *smask_strides,
         Hkv, Lq, N, per, runs, D,
         PAGE_SIZE=page_size, GROUP=G, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PAD_D=block_d != D,
         SUM=product == "sum", SPLIT=product == "dot_split",
-        UPCAST=product == "dot_f32" or triton_interpreting(), STATS=stats,
+        UPCAST=product == "dot_f32" or triton_interpreting(), STATS=stats, MASKED=stats_mask is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, stats_buf, runs, per
