@@ -31,9 +31,18 @@ positions ``[B, Hkv, cap]`` + counts), built once from the mask at the first sel
 in sync from then on: a step appends its new positions at the count (they are the largest, so
 the list stays ascending) and an eviction drops the entries whose mask bit it cleared (a stable
 compaction of the list, not of the mask). The selection handed to the kernel is the list itself,
-so a decode step of SnapKV / PyramidKV costs O(new tokens) besides the attention, and H2O / TOVA
-add O(kept) to their scoring (which reads every key) instead of recompacting the ``N``-wide mask.
-On CUDA the append and the compaction are one small Triton launch each.
+so a decode step of SnapKV / PyramidKV costs O(new tokens) besides the attention. H2O and TOVA
+score each decode step from the list too (:meth:`StepEvictionMethod._observe_listed`): the step's
+queries meet only the listed keys (``listed_attention``: gathered through the page table by the
+Triton kernel :mod:`sparseattn.kernels.list_logits_triton`), the softmax, the group reduction,
+the ranking (a sort over the list width) and the updates of the scores and keep bits (scatters at
+the listed positions) run over the list width ``W`` (the kept bound ``budget + Lq`` plus
+:data:`SELECTION_SLACK`), and the list drops the evicted entries: O(W) per (batch, KV head), no
+``N``-wide pass at all. At 32/8/128, budget 2048 and B = 8 a layer step reads about
+``B * Hkv * W * D * 2`` = 35 MB of keys (bf16) instead of the 2.1 GB of all 128K keys. The prompt
+(:meth:`on_prefill`, whose queries see every token) and dense steps still score over the mask
+(``kept_attention``, O(N)): that path is also the oracle of the list path. On CUDA the append and
+the compaction are one small Triton launch each.
 
 CUDA graphs: every state tensor a step writes is updated in place, so a captured step can be
 replayed over later steps, as long as no buffer grows (the cache allocates no page, the mask and
@@ -134,6 +143,64 @@ def kept_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, keep: torch
             logits = logits.masked_fill(blocked | (pos > qpos), float("-inf"))
         out += torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(3)
     return out
+
+
+def listed_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, tokens: torch.Tensor,
+                     counts: torch.Tensor, *, scale: Optional[float] = None) -> torch.Tensor:
+    """:func:`kept_attention` over a kept-token list: O(list width) instead of O(N).
+
+    ``q [B, Hq, Lq, D]`` as there (rows bottom-right aligned to each length); ``tokens`` int32
+    ``[B, Hkv, W]`` (unit last stride, a view of the state's list is fine): each row's kept
+    positions, the first ``counts`` (int32 ``[B, Hkv]``, capped at ``W``) live, the rest stale.
+    Only the listed keys are read (through the page table); each row's softmax runs over the
+    listed tokens causally visible to it, in float32 (float64 for float64 inputs). Returns
+    ``[B, Hkv, G, W]``: entry ``j`` is the probability mass token ``tokens[..., j]`` receives from
+    each query head, summed over the rows; 0 past the count. With the list holding exactly the
+    keep mask's tokens this is :func:`kept_attention` read at the listed positions.
+    """
+    from ..kernels.list_logits_triton import list_logits_torch
+
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    fused_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    args = (q, cache.k_pages(layer), cache.page_table, tokens, counts, cache.layer_lengths(layer))
+    if q.dtype in fused_dtypes and cache.dtype in fused_dtypes and use_triton_estimator(q):
+        from ..kernels.list_logits_triton import list_logits_triton
+
+        logits = list_logits_triton(*args, page_size=cache.page_size, scale=scale)
+    else:
+        logits = list_logits_torch(*args, page_size=cache.page_size, scale=scale)
+    # (a row that sees nothing, e.g. an empty list, is all -inf: its NaNs become 0)
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(3)
+
+
+def listed_lanes(tokens: torch.Tensor, counts: torch.Tensor, row_width: int):
+    """Where a list's lanes write, race-free: ``(pos, lane, live, nonempty)``.
+
+    ``tokens`` int32 ``[B, H, W]``, ``counts`` ``[B, H]``; ``row_width`` the width of the rows
+    written (positions are clamped into it). ``live`` bool ``[B, H, W]``: the lane is one of the
+    first ``counts``; ``lane`` int64 ``[B, H, W]``: the lane whose value a lane writes (itself when
+    live; past the count, the row's last live lane); ``pos`` int64 ``[B, H, W]``: the position it
+    writes (``tokens`` at ``lane``); ``nonempty`` bool ``[B, H, 1]``. Entries past the count are
+    stale and may name live tokens: redirected this way, no two lanes of a row write different
+    values to one place (the live positions are distinct). See :func:`scatter_listed`.
+    """
+    W = tokens.shape[-1]
+    c = counts.long().clamp(max=W).unsqueeze(-1)
+    j = torch.arange(W, device=tokens.device)
+    lane = torch.minimum(j, (c - 1).clamp(min=0)).expand(tokens.shape)
+    pos = tokens.gather(-1, lane).long().clamp(0, row_width - 1)
+    return pos, lane, j < c, c > 0
+
+
+def scatter_listed(dst: torch.Tensor, pos: torch.Tensor, lane: torch.Tensor, nonempty: torch.Tensor,
+                   values: torch.Tensor) -> None:
+    """``dst[b, h, pos] = values`` for each row's live lanes, in place (``dst [B, H, >= row_width]``,
+    ``values [B, H, W]``, the rest from :func:`listed_lanes`). A lane past the count repeats its
+    row's last live lane; in a row with an empty list every lane rewrites what ``dst`` holds."""
+    vals = values.gather(-1, lane).to(dst.dtype)
+    vals = torch.where(nonempty, vals, dst.gather(-1, pos))
+    dst.scatter_(-1, pos, vals)
 
 
 # ----------------------------------------------------------------------------- kept-token lists
@@ -343,6 +410,19 @@ class EvictionMethod(DecodeMethod):
             drop_evicted(st["keep"], st["tokens"], st["count"], self._list_width(st, N))
         st["bound"] = [min(b, int(c)) for b, c in zip(st["bound"], bound)]
 
+    def _commit_listed(self, st: dict, width: int, survive: torch.Tensor, bound: List[int],
+                       lanes: Optional[tuple] = None) -> None:
+        """Store an eviction decided over the list (the list path of :meth:`_commit`): ``survive``
+        bool ``[B, Hkv, width]`` says which of the first ``width`` list entries stay (False past
+        the counts is fine: those lanes are ignored); their keep bits are cleared where False,
+        the list drops them and ``bound[b]`` caps the kept counts. O(width) per row.
+        ``lanes``: :func:`listed_lanes` of the list, when the caller has them."""
+        keep = st["keep"]
+        pos, lane, _, nonempty = lanes or listed_lanes(st["tokens"][..., :width], st["count"], keep.shape[-1])
+        scatter_listed(keep, pos, lane, nonempty, survive)
+        drop_evicted(keep, st["tokens"], st["count"], width)
+        st["bound"] = [min(b, int(c)) for b, c in zip(st["bound"], bound)]
+
     def _selection(self, st: dict, cache: PagedKVCache, snapshot: bool = False) -> DecodeSelection:
         """The kept tokens as a token selection: the list (built from the mask on first use).
 
@@ -376,8 +456,9 @@ class EvictionMethod(DecodeMethod):
         self._observe(q, cache, layer, st, evict=False)
 
 
-__all__ = ["EvictionMethod", "GQA_AGGREGATIONS", "SELECTION_SLACK", "admit_tokens", "check_prompt_queries",
-           "drop_evicted", "group_reduce", "kept_attention", "to_device_ints"]
+__all__ = ["EvictionMethod", "GQA_AGGREGATIONS", "SELECTION_SLACK", "StepEvictionMethod", "admit_tokens",
+           "check_prompt_queries", "drop_evicted", "group_reduce", "kept_attention", "listed_attention",
+           "listed_lanes", "scatter_listed", "to_device_ints"]
 
 
 @dataclass(kw_only=True)
@@ -393,8 +474,20 @@ class StepEvictionMethod(EvictionMethod):
         st = self._prepare(cache, layer)
         self._observe(q, cache, layer, st, evict=self._evicting(cache, layer))
 
+    # False: a decode step scores over the whole mask (``_observe``, O(N)) as the prompt does; the
+    # tests set it on an instance to run that path as the oracle of the list path.
+    _score_from_list: ClassVar[bool] = True
+
     def _select(self, q, cache, layer):
         st = self._prepare(cache, layer)
         sel = self._selection(st, cache, snapshot=True)  # what this step reads: kept + new tokens
-        self._observe(q, cache, layer, st, evict=True)
+        if self._score_from_list and "tokens" in st:  # _selection built the list: score and evict over it
+            self._observe_listed(q, cache, layer, st, self._list_width(st, cache.max_pages * cache.page_size))
+        else:
+            self._observe(q, cache, layer, st, evict=True)
         return sel
+
+    def _observe_listed(self, q, cache, layer, st, width):
+        """:meth:`_observe` with ``evict=True``, reading only the first ``width`` entries of the
+        kept-token list (every kept token is there): O(width) work, the same result."""
+        self._observe(q, cache, layer, st, evict=True)

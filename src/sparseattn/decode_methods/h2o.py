@@ -9,8 +9,8 @@ import torch
 
 from ..methods.base import check_choice, check_float, check_int, rank_mask
 from ..methods.registry import register
-from .eviction import (GQA_AGGREGATIONS, StepEvictionMethod, group_reduce, kept_attention,
-                       to_device_ints)
+from .eviction import (GQA_AGGREGATIONS, StepEvictionMethod, group_reduce, kept_attention, listed_attention,
+                       listed_lanes, scatter_listed, to_device_ints)
 
 
 @register
@@ -26,8 +26,11 @@ class H2O(StepEvictionMethod):
     scores. :meth:`on_prefill` initialises the scores from the prompt's causal attention
     (computed in chunks of queries, memory ``O(chunk x L)``) and evicts; each decode step reads
     the kept tokens plus the new ones, adds the step's probabilities over them (summed over the
-    ``Lq`` new queries) and evicts down to ``hh + recent``. After every step exactly
-    ``min(hh + recent, length)`` tokens per (batch, KV head) stay kept; the step itself reads
+    ``Lq`` new queries) and evicts down to ``hh + recent``. A decode step touches only those
+    tokens (the kept-token list, see :mod:`.eviction`): the logits of the listed keys, the
+    softmax over them, the score update at their positions and a ranking over the list, O(kept)
+    work and key reads instead of O(N); the prompt is scored over the whole mask. After every
+    step exactly ``min(hh + recent, length)`` tokens per (batch, KV head) stay kept; the step itself reads
     ``min(hh + recent, length - Lq) + Lq`` (the official cache also attends over
     ``cache_size + 1`` before evicting). Evicted tokens are never read again, but the paged
     cache does not free their memory (see :mod:`.eviction`).
@@ -120,3 +123,22 @@ class H2O(StepEvictionMethod):
         self._commit(st, new, st["budget_host"])
 
     # ------------------------------------------------------------------ hooks
+    def _observe_listed(self, q, cache, layer, st, width):
+        # The decode step over the list (O(width)): the same scores and evictions as _observe + _evict.
+        tokens, counts = st["tokens"][..., :width], st["count"]
+        B, H = counts.shape
+        scores = st["scores"]
+        lanes = listed_lanes(tokens, counts, scores.shape[-1])
+        pos, _, live, _ = lanes
+        mass = group_reduce(listed_attention(q, cache, layer, tokens, counts), self.gqa_score_agg)  # [B, H, W]
+        new = scores.gather(-1, pos) + mass.to(scores.dtype)  # 0 is added past the count
+        n = cache.layer_lengths(layer).long().view(B, 1, 1)
+        recent = live & (pos >= n - st["recent"].view(B, 1, 1))
+        cand = live & ~recent
+        # Ties go to the lower list index, which is the lower position (the list ascends).
+        ranked = torch.where(cand, new, torch.full((), float("-inf"), dtype=new.dtype, device=new.device))
+        survive = recent | (rank_mask(ranked, st["hh"].view(B, 1).expand(B, H)) & cand)
+        # Evicted tokens lose their score; kept ones get the sum (the scores' lanes are redirected
+        # like the keep bits: race-free).
+        scatter_listed(scores, *lanes[:2], lanes[3], torch.where(survive, new, torch.zeros_like(new)))
+        self._commit_listed(st, width, survive, st["budget_host"], lanes)

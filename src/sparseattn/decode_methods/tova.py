@@ -9,7 +9,7 @@ import torch
 
 from ..methods.base import check_int, rank_mask
 from ..methods.registry import register
-from .eviction import StepEvictionMethod, kept_attention
+from .eviction import StepEvictionMethod, kept_attention, listed_attention
 
 
 @register
@@ -25,7 +25,9 @@ class TOVA(StepEvictionMethod):
     one per layer and sequence, shared by every KV head. The prompt is reduced the same way,
     with its last query (:meth:`on_prefill`); each decode step reads the kept tokens plus the
     new ones, then evicts down to ``cache_size`` with the last new query's probabilities over
-    what it read. After every step exactly ``min(cache_size, length)`` tokens stay kept. Evicted
+    what it read; that scoring reads only the listed kept tokens (the last query's logits over
+    their keys, the softmax and the ranking over the list, see :mod:`.eviction`): O(kept), not
+    O(N). After every step exactly ``min(cache_size, length)`` tokens stay kept. Evicted
     tokens are never read again; the paged cache does not free their memory (see
     :mod:`.eviction`).
 
@@ -61,3 +63,16 @@ class TOVA(StepEvictionMethod):
         ranked = torch.where(cand, score, torch.full((), float("-inf"), dtype=score.dtype, device=score.device))
         top = rank_mask(ranked, torch.full((B,), self.cache_size, dtype=torch.long, device=score.device)) & cand
         self._commit(st, top.unsqueeze(1).expand(B, H, N), [self.cache_size] * B)
+
+    def _observe_listed(self, q, cache, layer, st, width):
+        # The decode step over the list (O(width)): the lists of all KV heads are identical (one
+        # keep-set per sequence), so lane j names one token in every head and the head mean runs
+        # lane-wise, as _observe's runs position-wise.
+        tokens, counts = st["tokens"][..., :width], st["count"]
+        B, H = counts.shape
+        mass = listed_attention(q[:, :, -1:], cache, layer, tokens, counts)  # [B, Hkv, G, W]
+        score = mass.mean(2).mean(1)  # [B, W]
+        live = torch.arange(width, device=score.device).view(1, width) < counts[:, :1].clamp(max=width)
+        ranked = torch.where(live, score, torch.full((), float("-inf"), dtype=score.dtype, device=score.device))
+        top = rank_mask(ranked, torch.full((B,), self.cache_size, dtype=torch.long, device=score.device)) & live
+        self._commit_listed(st, width, top.unsqueeze(1).expand(B, H, width), [self.cache_size] * B)

@@ -1,0 +1,223 @@
+"""Exact decode logits over a kept-token *list*, read through the page table.
+
+What H2O and TOVA score with at each decode step (``decode_methods/eviction.py``,
+``listed_attention``): the scaled ``q . k`` of the step's ``Lq`` queries over the tokens an
+eviction method keeps, given as an ascending list of positions per (batch, KV head) plus a
+count, instead of over all ``N`` cached positions. The work is O(list width), not O(N).
+
+One program owns one (batch, KV head, tile of ``BLOCK_N`` list entries, row tile) and *all*
+``G * Lq`` query rows of the GQA group (up to ``BLOCK_M``): it loads the tile's positions, their
+physical pages (one table load per entry), then the keys (each a contiguous ``D``-vector of its
+page, read once) and multiplies them by the whole group with fp32 accumulation; the products are
+those of :mod:`.decode_logits_triton` (``_qk``, ``choose_product``). One tile per program: at
+B = 8, Hkv = 8 and a 2K list that is ~2K programs, plenty to hide the three dependent loads.
+Entries past the row's count are written as ``-inf`` without any load (they are stale garbage).
+
+:func:`list_logits_torch` is the same function in PyTorch: the CPU path and the oracle.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode_logits_triton import (MAX_BLOCK_M, MAX_BROADCAST_ROWS, _load_k, _pow2_at_least, _qk, choose_product,
+                                   default_config)
+from .dispatch import triton_interpreting
+
+
+@triton.jit
+def _list_logits(
+    Q, KP, Table, Tokens, Counts, Lengths, Out,
+    scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kp, stride_kh, stride_ks, stride_kd,
+    stride_tb, stride_tp,
+    stride_lib, stride_lih, stride_cb, stride_ch, stride_lb,
+    num_kv_heads, q_len, width, n_slots, head_dim,
+    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAD_D: tl.constexpr, SUM: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    mt = tl.program_id(2)
+    b64 = (bh // num_kv_heads).to(tl.int64)
+    hk = bh % num_kv_heads
+    seq_len = tl.load(Lengths + b64 * stride_lb).to(tl.int32)
+    # Capped at the width: a replayed graph step past its slack never reads beyond the view.
+    count = tl.minimum(tl.load(Counts + b64 * stride_cb + hk * stride_ch), width)
+    n_rows = GROUP * q_len
+
+    # Row r of the group: query head hk * GROUP + r // q_len, new token r % q_len at position
+    # seq_len - q_len + r % q_len (bottom-right aligned); output row r of [G, Lq].
+    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    h64 = (hk * GROUP + rows // q_len).to(tl.int64)
+    qi64 = (rows % q_len).to(tl.int64)
+    qpos = seq_len - q_len + rows % q_len
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + b64 * stride_qb + h64[:, None] * stride_qh + qi64[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    if PAD_D:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q_mid = q
+    q_lo = q
+    if SPLIT:  # fp32 q on a bf16 cache: three exact bf16 parts (see decode_logits_triton)
+        q = q.to(tl.float32)
+        q_hi = q.to(tl.bfloat16)
+        rest = q - q_hi.to(tl.float32)
+        q_mid = rest.to(tl.bfloat16)
+        q_lo = (rest - q_mid.to(tl.float32)).to(tl.bfloat16)
+        q = q_hi
+
+    j = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    listed = j < count
+    pos = tl.load(Tokens + b64 * stride_lib + hk * stride_lih + j, mask=listed, other=0)
+    # A listed position is always < seq_len; the bounds only keep a corrupt entry from reading wild.
+    ok = listed & (pos >= 0) & (pos < seq_len) & (pos < n_slots)
+    phys = tl.load(Table + b64 * stride_tb + (pos // PAGE_SIZE).to(tl.int64) * stride_tp, mask=ok, other=0)
+    k = _load_k(KP + hk.to(tl.int64) * stride_kh, phys, pos % PAGE_SIZE, ok, offs_d, head_dim,
+                stride_kp, stride_ks, stride_kd, PAD_D)
+    qk = _qk(q, q_mid, q_lo, k, SUM, SPLIT, UPCAST)
+    # pos <= qpos: causal among the new tokens (also excludes padding rows, whose qpos < 0).
+    x = tl.where(ok[None, :] & (pos[None, :] <= qpos[:, None]), qk * scale, float("-inf"))
+    grow64 = (b64 * num_kv_heads + hk) * n_rows + rows  # row of the flat [B * Hkv * G * Lq, width] output
+    tl.store(Out + grow64[:, None] * width + j[None, :], x, mask=row_ok[:, None] & (j < width)[None, :])
+
+
+# ----------------------------------------------------------------------------- checks and the PyTorch twin
+def _check(q, k_pages, page_table, tokens, counts, lengths, page_size, scale, triton_dtypes: bool):
+    def shape(t):
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q must be a 4-D tensor [B, Hq, Lq, D], got {shape(q)}")
+    if not isinstance(k_pages, torch.Tensor) or k_pages.dim() != 4:
+        raise ValueError(f"k_pages must be a 4-D tensor [capacity, Hkv, page_size, D], got {shape(k_pages)}")
+    allowed = (torch.float16, torch.bfloat16, torch.float32) + (() if triton_dtypes else (torch.float64,))
+    for name, t in (("q", q), ("k_pages", k_pages)):
+        if t.dtype not in allowed:
+            raise ValueError(f"{name} must be one of {[str(d) for d in allowed]}, got {t.dtype}")
+    B, Hq, Lq, D = q.shape
+    _, Hkv, P, Dk = k_pages.shape
+    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size <= 0 or P != page_size:
+        raise ValueError(f"page_size must be a positive int equal to k_pages.shape[2] = {P}, got {page_size!r}")
+    if Dk != D:
+        raise ValueError(f"q and k_pages must share the head dim, got {D} and {Dk}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"the query heads ({Hq}) must be a multiple of the KV heads ({Hkv})")
+    if not isinstance(page_table, torch.Tensor) or page_table.dim() != 2 or page_table.shape[0] != B \
+            or page_table.dtype != torch.int32:
+        raise ValueError(f"page_table must be int32 [B={B}, max_pages], got "
+                         f"{page_table.dtype if isinstance(page_table, torch.Tensor) else ''} {shape(page_table)}")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or tuple(tokens.shape[:2]) != (B, Hkv) \
+            or tokens.dtype != torch.int32 or (tokens.shape[-1] > 1 and tokens.stride(-1) != 1):
+        raise ValueError(f"tokens must be int32 [B={B}, Hkv={Hkv}, width] with unit last stride, got "
+                         f"{tokens.dtype if isinstance(tokens, torch.Tensor) else ''} {shape(tokens)}")
+    if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != (B, Hkv) \
+            or counts.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"counts must be int32/int64 [B={B}, Hkv={Hkv}], got "
+                         f"{counts.dtype if isinstance(counts, torch.Tensor) else ''} {shape(counts)}")
+    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != B \
+            or lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lengths must be int32/int64 [B={B}], got "
+                         f"{lengths.dtype if isinstance(lengths, torch.Tensor) else ''} {shape(lengths)}")
+    for name, t in (("k_pages", k_pages), ("page_table", page_table), ("tokens", tokens), ("counts", counts),
+                    ("lengths", lengths)):
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on {q.device} (q's device), got {t.device}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    return B, Hq, Lq, D, Hkv
+
+
+def list_logits_torch(q: torch.Tensor, k_pages: torch.Tensor, page_table: torch.Tensor, tokens: torch.Tensor,
+                      counts: torch.Tensor, lengths: torch.Tensor, *, page_size: int, scale: float) -> torch.Tensor:
+    """PyTorch twin of :func:`list_logits_triton` (the CPU path and the oracle); also takes float64,
+    computed in float64 (float32 otherwise: 16-bit keys upcast, the same math as a 16-bit product
+    with fp32 accumulation). Same arguments and result."""
+    B, Hq, Lq, D, Hkv = _check(q, k_pages, page_table, tokens, counts, lengths, page_size, scale, False)
+    G = Hq // Hkv
+    W = tokens.shape[-1]
+    dt = torch.float64 if torch.float64 in (q.dtype, k_pages.dtype) else torch.float32
+    dev = q.device
+    n_slots = page_table.shape[1] * page_size
+    j = torch.arange(W, device=dev)
+    pos = tokens.long()
+    n = lengths.long().view(B, 1, 1)
+    ok = (j < counts.long().clamp(max=W).unsqueeze(-1)) & (pos >= 0) & (pos < n) & (pos < n_slots)
+    pos = torch.where(ok, pos, torch.zeros_like(pos))  # garbage entries read slot 0 of page 0 (masked below)
+    phys = page_table.long().gather(1, (pos // page_size).view(B, Hkv * W)).view(B, Hkv, W)
+    heads = torch.arange(Hkv, device=dev).view(1, Hkv, 1)
+    k = k_pages[phys, heads, pos % page_size].to(dt)  # [B, Hkv, W, D]: only the listed keys
+    qg = q.to(dt).reshape(B, Hkv, G * Lq, D)
+    logits = torch.matmul(qg, k.transpose(-1, -2)).view(B, Hkv, G, Lq, W) * scale
+    qpos = n.view(B, 1, 1, 1, 1) - Lq + torch.arange(Lq, device=dev).view(1, 1, 1, Lq, 1)
+    visible = ok.view(B, Hkv, 1, 1, W) & (pos.view(B, Hkv, 1, 1, W) <= qpos)
+    return logits.masked_fill(~visible, float("-inf"))
+
+
+# ----------------------------------------------------------------------------- launch
+def list_logits_triton(q: torch.Tensor, k_pages: torch.Tensor, page_table: torch.Tensor, tokens: torch.Tensor,
+                       counts: torch.Tensor, lengths: torch.Tensor, *, page_size: int, scale: float,
+                       use_dot: Optional[bool] = None, config: Optional[tuple] = None) -> torch.Tensor:
+    """Exact scaled logits of ``q`` over each row's listed tokens, read through the page table.
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` float16/bfloat16/float32 (any strides): the newest ``Lq`` tokens of
+            each sequence, bottom-right aligned (row ``i`` sits at position ``len_b - Lq + i``).
+        k_pages: ``[capacity, Hkv, page_size, D]`` key pool (``PagedKVCache.k_pages``), same device;
+            ``Hq`` a multiple of ``Hkv``.
+        page_table: int32 ``[B, max_pages]`` physical page of each logical page (any strides).
+        tokens: int32 ``[B, Hkv, width]`` (unit last stride; a view of a wider list is fine): each
+            row's positions, the first ``counts`` entries live, the rest ignored (never read).
+        counts: int32/int64 ``[B, Hkv]`` live entries per row (capped at ``width``).
+        lengths: int32/int64 ``[B]`` tokens per sequence.
+        scale: multiplies the fp32 product.
+        use_dot, config: override the product and ``(BLOCK_N, num_warps, num_stages)`` as in
+            :func:`~sparseattn.kernels.decode_logits_triton.paged_logits_triton`.
+
+    Returns float32 ``[B, Hkv, G, Lq, width]``: entry ``j`` of row ``(b, h, g, i)`` is
+    ``scale * q[b, h * G + g, i] . k[b, h, tokens[b, h, j]]`` with fp32 accumulation, ``-inf`` past
+    the count and where the token lies in the query's future (or past the length). No host sync:
+    usable in CUDA graphs.
+    """
+    B, Hq, Lq, D, Hkv = _check(q, k_pages, page_table, tokens, counts, lengths, page_size, scale, True)
+    G = Hq // Hkv
+    W = tokens.shape[-1]
+    out = torch.empty((B, Hkv, G, Lq, W), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    rows = G * Lq
+    product = choose_product(q.dtype, k_pages.dtype, rows, use_dot)
+    if product == "sum" and rows > MAX_BROADCAST_ROWS:
+        raise ValueError(f"the broadcast product takes at most {MAX_BROADCAST_ROWS} rows (G * Lq), got {rows}")
+    # tl.dot needs 16 rows; the broadcast product takes the group as it is (>= 2: no size-1 dims).
+    block_m = max(2, _pow2_at_least(rows)) if product == "sum" else min(max(16, _pow2_at_least(rows)), MAX_BLOCK_M)
+    row_tiles = triton.cdiv(rows, block_m)
+    block_d = max(16, _pow2_at_least(D))
+    block_n, num_warps, num_stages = config or default_config(D, product, block_m)
+    if triton_interpreting() and config is None:
+        block_n = 16  # small tiles: a short list still spans several programs
+    if B * Hkv > 65535 or row_tiles > 65535:
+        raise ValueError(f"B * Hkv = {B * Hkv} and the row tiles ({row_tiles}) must be <= 65535 (grid limits)")
+    _list_logits[(triton.cdiv(W, block_n), B * Hkv, row_tiles)](
+        q, k_pages, page_table, tokens, counts, lengths, out,
+        float(scale),
+        *q.stride(), *k_pages.stride(), *page_table.stride(),
+        tokens.stride(0), tokens.stride(1), counts.stride(0), counts.stride(1), lengths.stride(0),
+        Hkv, Lq, W, page_table.shape[1] * page_size, D,
+        PAGE_SIZE=page_size, GROUP=G, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PAD_D=block_d != D,
+        SUM=product == "sum", SPLIT=product == "dot_split",
+        UPCAST=product == "dot_f32" or triton_interpreting(),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+__all__ = ["list_logits_torch", "list_logits_triton"]
