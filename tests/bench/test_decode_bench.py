@@ -48,6 +48,9 @@ def test_metadata_bytes_by_scorer():
 
     assert bench.metadata_bytes(get_method("quest", kind="decode"), cache, "steady") == 2 * 2 * 4 * 16 * 4
     assert bench.metadata_bytes(get_method("streaming", kind="decode"), cache, "steady") == 0
+    # Exact scorers: TokenSelect reads every key; H2O / TOVA the keys of the tokens they read.
+    assert bench.metadata_bytes(get_method("tokenselect", kind="decode"), cache, "steady", 10.0) == 2 * 64 * 16 * 4
+    assert bench.metadata_bytes(get_method("h2o", kind="decode"), cache, "steady", 10.0) == 2 * 10 * 16 * 4
 
 
 def test_bad_arguments_name_the_choices(tmp_path):

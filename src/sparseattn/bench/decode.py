@@ -173,11 +173,13 @@ def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------- bytes
-def metadata_bytes(method, cache: PagedKVCache, layer_role: str) -> int:
+def metadata_bytes(method, cache: PagedKVCache, layer_role: str, read_tokens: Optional[float] = None) -> int:
     """Bytes a method reads besides the selected K/V at one layer step (an estimate by kind of scorer):
     page min/max (Quest), page mean keys (block top-k), label channels (Double Sparsity), every key
-    (exact scoring: TokenSelect, H2O, TOVA, and the selection layers / full steps of the reuse
-    methods; full steps of Recycled Attention amortised over its stride)."""
+    (exact scoring: TokenSelect, and the selection layers / full steps of the reuse methods; full
+    steps of Recycled Attention amortised over its stride), the keys of the tokens the step reads
+    once more (H2O, TOVA: they score the kept tokens; ``read_tokens`` per (sequence, KV head),
+    default all)."""
     B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
     N = cache.max_length(0)
     pages = -(-N // cache.page_size)
@@ -191,8 +193,10 @@ def metadata_bytes(method, cache: PagedKVCache, layer_role: str) -> int:
     if name == "double_sparsity":
         r = getattr(method, "num_channels", None) or getattr(method, "r", None) or 16
         return B * H * N * int(r) * 2
-    if name in ("tokenselect", "h2o", "tova"):
+    if name == "tokenselect":
         return all_keys
+    if name in ("h2o", "tova"):
+        return all_keys if read_tokens is None else int(B * H * read_tokens * D * item)
     if name in ("tidaldecode", "delta"):
         return all_keys if layer_role == "selection" else 0
     if name == "recycled":
@@ -294,7 +298,7 @@ def run_method(name: str, budget: Optional[int], cache: PagedKVCache, q: torch.T
     B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
     item = torch.finfo(cache.dtype).bits // 8
     kv_bytes = 2 * B * H * row["read_tokens"] * D * item
-    meta = metadata_bytes(method, cache, "steady")
+    meta = metadata_bytes(method, cache, "steady", row["read_tokens"])
     row["floor_ms"] = (kv_bytes + meta) / (args.bandwidth * 1e9) + args.latency_us / 1000.0
     row["kernel_tbs"] = kv_bytes / (row["kernel_ms"] * 1e9)
     row["vs_floor"] = row["layer_ms"] / row["floor_ms"]
