@@ -13,6 +13,7 @@ import torch
 import triton.testing
 
 from sparseattn.bench.decode import SHAPES, build_cache, method_for
+from sparseattn.bench.timing import BenchTimer
 from sparseattn.decode_api import sparse_decode_attention
 
 p = argparse.ArgumentParser()
@@ -36,19 +37,12 @@ print(f"shape {args.shape}, L={L}, B={B}, budget {args.budget}, device {torch.cu
 
 def graph_ms(fn):
     """Median ms of a CUDA-graph replay of ``fn`` (None when the capture fails)."""
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median")
-    except Exception as exc:  # report and go on: eager figures still come
-        print(f"   (graph capture failed: {type(exc).__name__}: {str(exc)[:120]})")
+    timer = BenchTimer("cuda", graphs=True)
+    ms = timer(fn)
+    if timer.last["mode"] != "graph":
+        print(f"   (graph capture failed: {timer.last['mode']})")
         return None
+    return ms
 
 
 for name in args.methods.split(","):

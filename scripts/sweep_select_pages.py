@@ -7,8 +7,7 @@ the bisection kernel at several warp counts against ``torch.topk`` + assembly, o
 import argparse
 
 import torch
-import triton.testing
-
+from sparseattn.bench.timing import BenchTimer
 from sparseattn.kernels.page_score_triton import top_pages_selection
 
 p = argparse.ArgumentParser()
@@ -19,6 +18,7 @@ p.add_argument("--warps", default="2,4,8,16")
 args = p.parse_args()
 
 print(f"device {torch.cuda.get_device_name()}; us per call (CUDA-graph replay, median)")
+timer = BenchTimer("cuda", rep_ms=200, graphs=True)
 for pages in (int(x) for x in args.pages.split(",")):
     for rows in (int(x) for x in args.rows.split(",")):
         B, H = max(1, rows // 8), min(rows, 8)
@@ -33,9 +33,6 @@ for pages in (int(x) for x in args.pages.split(",")):
         for name, extra in variants:
             sel = top_pages_selection(scores, lengths, **kw, **extra)
             same = torch.equal(sel.pages, ref.pages) and torch.equal(sel.page_counts, ref.page_counts)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                top_pages_selection(scores, lengths, **kw, **extra)
-            us = 1e3 * triton.testing.do_bench(g.replay, warmup=20, rep=200, return_mode="median")
+            us = 1e3 * timer(lambda: top_pages_selection(scores, lengths, **kw, **extra))
             line.append(f"{name} {us:.1f}{'' if same else ' (DIFF)'}")
         print(f"pages {pages:6d} rows {rows:3d}: " + ", ".join(line))

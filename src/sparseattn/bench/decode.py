@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -44,6 +43,7 @@ import torch
 
 from ..cache import PagedKVCache
 from ..decode_api import sparse_decode_attention
+from .timing import BenchTimer
 
 SHAPES = {"32/8/128": (32, 8, 128), "9/3/64": (9, 3, 64)}
 DEFAULT_OUT = "runs/bench_decode"
@@ -104,45 +104,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- timing
-class Timer:
-    """``timer(fn) -> ms``. CUDA: median of ``triton.testing.do_bench`` (through a CUDA graph when
-    asked and possible); CPU: mean of a few ``perf_counter`` runs."""
-
-    def __init__(self, device: torch.device, rep_ms: int, graphs: bool):
-        self.device, self.rep_ms, self.graphs = device, rep_ms, graphs
-
-    def __call__(self, fn, graph_ok: bool = True):
-        if self.device.type != "cuda":
-            fn()
-            t0 = time.perf_counter()
-            n = 3
-            for _ in range(n):
-                fn()
-            return 1000.0 * (time.perf_counter() - t0) / n, "eager"
-        import triton.testing
-
-        fn()
-        torch.cuda.synchronize()
-        if self.graphs and graph_ok:
-            try:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    fn()  # warm-up on the side stream, as the CUDA-graph docs ask
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    fn()
-                ms = triton.testing.do_bench(graph.replay, warmup=10, rep=self.rep_ms, return_mode="median")
-                return float(ms), "graph"
-            except Exception as exc:  # capture refused (a host sync, a host-to-device copy, ...)
-                torch.cuda.synchronize()
-                reason = f"eager ({type(exc).__name__})"
-        else:
-            reason = "eager"
-        return float(triton.testing.do_bench(fn, warmup=10, rep=self.rep_ms, return_mode="median")), reason
-
-
 def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """The fastest SDPA backend for one decode step (no causal mask: q sits after every key)."""
     import torch.nn.functional as F
@@ -242,7 +203,7 @@ def method_for(name: str, budget: Optional[int], page_size: int):
     return get_method(name, kind="decode", **{k: v for k, v in overrides.items() if k in valid})
 
 
-def time_phases(method, cache: PagedKVCache, q: torch.Tensor, layer: int, timer: Timer) -> dict:
+def time_phases(method, cache: PagedKVCache, q: torch.Tensor, layer: int, timer: BenchTimer) -> dict:
     """Recycled Attention at ``layer``: its full step and its recycle step each timed as its own
     closure (through a CUDA graph where the timer allows: :meth:`set_phase` pins the phase, a host
     write that runs at capture), amortised over the stride. The captured full step refreshes the
@@ -253,11 +214,11 @@ def time_phases(method, cache: PagedKVCache, q: torch.Tensor, layer: int, timer:
         return sparse_decode_attention(q, cache, layer, method.select(q, cache, layer))
 
     stride = method.stride
-    full_ms, full_mode = timer(lambda: step("full"), True)
+    full_ms, full_mode = timer.timed(lambda: step("full"), True)
     if stride == 1:  # every step is a full step
         recycle_ms, recycle_mode = None, full_mode
     else:
-        recycle_ms, recycle_mode = timer(lambda: step("recycle"), True)
+        recycle_ms, recycle_mode = timer.timed(lambda: step("recycle"), True)
     modes = {full_mode, recycle_mode}
     mode = "graph (phases)" if modes == {"graph"} else " + ".join(sorted(modes)) + " (phases)"
     layer_ms = full_ms if recycle_ms is None else (full_ms + (stride - 1) * recycle_ms) / stride
@@ -265,7 +226,7 @@ def time_phases(method, cache: PagedKVCache, q: torch.Tensor, layer: int, timer:
 
 
 def run_method(name: str, budget: Optional[int], cache: PagedKVCache, q: torch.Tensor, prompt_q: torch.Tensor,
-               timer: Timer, args) -> dict:
+               timer: BenchTimer, args) -> dict:
     method = method_for(name, budget, args.page_size)
     cache.method_state.clear()
     for layer in range(2):
@@ -285,16 +246,16 @@ def run_method(name: str, budget: Optional[int], cache: PagedKVCache, q: torch.T
         row["sel_layer_ms"] = time_phases(method, cache, q, 0, timer)["layer_ms"]
         row.update(time_phases(method, cache, q, 1, timer))
         if method.stride > 1:  # the recycle step's select (sel1 above is a recycle step's selection)
-            row["select_ms"], _ = timer(lambda: (method.set_phase(cache, 1, "recycle"), method.select(q, cache, 1)),
-                                        True)
+            row["select_ms"], _ = timer.timed(
+                lambda: (method.set_phase(cache, 1, "recycle"), method.select(q, cache, 1)), True)
         else:
-            row["select_ms"], _ = timer(lambda: method.select(q, cache, 1), True)
+            row["select_ms"], _ = timer.timed(lambda: method.select(q, cache, 1), True)
     else:
-        row["sel_layer_ms"], _ = timer(lambda: layer_step(0), graph_ok)
+        row["sel_layer_ms"], _ = timer.timed(lambda: layer_step(0), graph_ok)
         layer_step(0)
-        row["layer_ms"], row["mode"] = timer(lambda: layer_step(1), graph_ok)
-        row["select_ms"], _ = timer(lambda: method.select(q, cache, 1), graph_ok)
-    row["kernel_ms"], _ = timer(lambda: sparse_decode_attention(q, cache, 1, sel1), True)
+        row["layer_ms"], row["mode"] = timer.timed(lambda: layer_step(1), graph_ok)
+        row["select_ms"], _ = timer.timed(lambda: method.select(q, cache, 1), graph_ok)
+    row["kernel_ms"], _ = timer.timed(lambda: sparse_decode_attention(q, cache, 1, sel1), True)
     B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
     item = torch.finfo(cache.dtype).bits // 8
     kv_bytes = 2 * B * H * row["read_tokens"] * D * item
@@ -305,7 +266,7 @@ def run_method(name: str, budget: Optional[int], cache: PagedKVCache, q: torch.T
     return row
 
 
-def run_case(shape: str, L: int, B: int, budgets: List[int], methods: List[str], timer: Timer, args, device,
+def run_case(shape: str, L: int, B: int, budgets: List[int], methods: List[str], timer: BenchTimer, args, device,
              emit) -> None:
     Hq, Hkv, D = SHAPES[shape] if shape in SHAPES else tuple(int(x) for x in shape.split("/"))
     dtype = getattr(torch, args.dtype)
@@ -316,9 +277,9 @@ def run_case(shape: str, L: int, B: int, budgets: List[int], methods: List[str],
     base = {"shape": shape, "L": L, "B": B}
     k, v = cache.gather(1)
     sdpa, sdpa_name = sdpa_decode(q, k, v)
-    sdpa_ms, _ = timer(sdpa, False)
+    sdpa_ms, _ = timer.timed(sdpa, False)
     del k, v
-    dense_ms, dense_mode = timer(lambda: sparse_decode_attention(q, cache, 1, None), True)
+    dense_ms, dense_mode = timer.timed(lambda: sparse_decode_attention(q, cache, 1, None), True)
     item = torch.finfo(dtype).bits // 8
     all_bytes = 2 * B * Hkv * L * D * item
     dense_row = dict(base, method="ours_dense", budget=None, layer_ms=dense_ms, mode=dense_mode, sdpa_ms=sdpa_ms,
@@ -395,7 +356,7 @@ def run(args) -> int:
         raise SystemExit("--page-size must be positive")
     env = environment()
     env["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    timer = Timer(device, args.rep_ms, args.graphs)
+    timer = BenchTimer(device, rep_ms=args.rep_ms, graphs=args.graphs)
     rows: List[dict] = []
     out = Path(args.out)
 

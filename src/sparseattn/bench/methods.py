@@ -54,6 +54,7 @@ import torch
 
 from ..plan import BlockPlan
 from ._env import parse_layer_list
+from .timing import BenchTimer
 
 DEFAULT_OUT = "runs/bench_methods.json"
 CASES = ("real", "synthetic")
@@ -193,43 +194,6 @@ def config_from_args(args) -> Config:
 
 
 # ----------------------------------------------------------------------------- measurement helpers
-class GpuTimer:
-    """``timer(fn) -> ms``: one warm-up call, then the median of ``triton.testing.do_bench``.
-
-    When the warm-up call takes longer than ``slow_ms`` (do_bench would repeat it at least 7
-    times), one more call is timed with CUDA events instead. ``last`` says how the latest
-    figure was taken (``{"mode": "do_bench" | "single", "warmup_ms": ...}``).
-    """
-
-    def __init__(self, warmup_ms: int = 25, rep_ms: int = 100, slow_ms: float = 2000.0):
-        import triton.testing
-
-        self._do_bench = triton.testing.do_bench
-        self.warmup_ms, self.rep_ms, self.slow_ms = warmup_ms, rep_ms, slow_ms
-        self.last: dict = {}
-
-    def __call__(self, fn) -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()  # warm-up: compiles, fills caches
-        torch.cuda.synchronize()
-        warm = 1000.0 * (time.perf_counter() - t0)
-        if warm > self.slow_ms:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            self.last = {"mode": "single", "warmup_ms": round(warm, 1)}
-            return float(start.elapsed_time(end))
-        self.last = {"mode": "do_bench", "warmup_ms": round(warm, 1)}
-        return float(self._do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
-
-
-def gpu_timer(warmup_ms: int = 25, rep_ms: int = 100, slow_ms: float = 2000.0) -> GpuTimer:
-    return GpuTimer(warmup_ms, rep_ms, slow_ms)
-
-
 def plan_density(plan: BlockPlan, causal: bool = True) -> float:
     """``plan.density(causal)`` (exact share of the visible area), fast for band and extra plans too.
 
@@ -393,7 +357,8 @@ def run_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, methods: Mapping
 
     Args:
         methods: ``{name: method object}`` (from :func:`sparseattn.get_method`).
-        timer: ``timer(fn) -> milliseconds`` (:func:`gpu_timer` on the GPU; tests pass a fake).
+        timer: ``timer(fn) -> milliseconds`` (:class:`~sparseattn.bench.timing.BenchTimer` on the GPU;
+            tests pass a fake).
         case: fields copied into every row (case name, layer, ...).
         layer_idx: passed to ``method.plan``.
         oracle_mass: add the block-oracle row at this mass (None: no oracle row).
@@ -734,10 +699,10 @@ def run(args) -> int:
         print("sparseattn bench methods needs a CUDA GPU (it times GPU kernels against SDPA cuDNN); none is visible.",
               file=sys.stderr)
         return 2
-    timer = gpu_timer(args.warmup_ms, args.rep_ms, args.slow_ms)
+    timer = BenchTimer("cuda", warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, slow_ms=args.slow_ms)
     execute(cfg, timer, torch.device("cuda"))
     return 0
 
 
-__all__ = ["add_arguments", "run", "run_case", "execute", "gpu_timer", "plan_density", "slice_plan_rows",
+__all__ = ["add_arguments", "run", "run_case", "execute", "plan_density", "slice_plan_rows",
            "sampled_fidelity", "summarize", "text_table", "markdown_table", "Config"]
