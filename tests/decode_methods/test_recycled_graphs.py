@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from sparseattn.bench import decode as bench
+from sparseattn.bench.timing import capture_graph
 from sparseattn.cli import build_parser
 from sparseattn.decode_api import DecodeSelection, sparse_decode_attention
 from sparseattn.decode_methods import get_decode_method
@@ -249,19 +250,6 @@ def test_bench_times_recycled_per_phase(tmp_path):
 
 
 # ----------------------------------------------------------------------------- GPU twins
-def capture(fn):
-    """A CUDA graph of ``fn`` (warmed up on a side stream) and the outputs of its captured call."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 @requires_cuda
 def test_cuda_graph_replays_both_phases_like_eager_calls():
     lengths = [4001, 3001]  # room in the last page: the page table (the full step's shape) stays
@@ -277,7 +265,7 @@ def test_cuda_graph_replays_both_phases_like_eager_calls():
         sel = method.select(q, cache, 0)
         return sel.tokens, sel.token_counts, sparse_decode_attention(q, cache, 0, sel)
 
-    graph, (tok, cnt, out) = capture(recycle_step)
+    graph, (tok, cnt, out) = capture_graph(recycle_step)
     for step in range(4):  # the cache grows in place; the replay follows its device lengths
         append(cache, step, counts=[1, step % 2])
         graph.replay()
@@ -294,7 +282,7 @@ def test_cuda_graph_replays_both_phases_like_eager_calls():
         method.set_phase(cache, 0, "full")
         return method.select(q, cache, 0)
 
-    graph_full, _ = capture(full_step)
+    graph_full, _ = capture_graph(full_step)
     ref_method = get_decode_method("recycled", top_k=512, stride=10)
     for seed in (5, 6):
         q.copy_(make_q(2, 32, 1, 128, torch.bfloat16, seed=seed))

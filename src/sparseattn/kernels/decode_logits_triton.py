@@ -80,6 +80,40 @@ def _qk(q, q_mid, q_lo, k, SUM: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.co
 
 
 @triton.jit
+def _group_queries(Q, b64, hk, mt, seq_len, q_len, head_dim, stride_qb, stride_qh, stride_qm, stride_qd,
+                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+                   SPLIT: tl.constexpr):
+    """Row tile ``mt`` of KV head ``hk``'s query rows: ``(rows, row_ok, qpos, q, q_mid, q_lo)``.
+
+    Row r of the group: query head ``hk * GROUP + r // q_len``, new token ``r % q_len``, which sits
+    at position ``seq_len - q_len + r % q_len`` (bottom-right aligned; output row r of [G, Lq]).
+    With ``SPLIT`` (fp32 q on a bf16 cache) ``q = q + q_mid + q_lo`` exactly, each part bf16: three
+    bf16 products (each exact in fp32) give the fp32 product on the tensor cores (:func:`_qk`).
+    """
+    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * q_len
+    h64 = (hk * GROUP + rows // q_len).to(tl.int64)
+    qi64 = (rows % q_len).to(tl.int64)
+    qpos = seq_len - q_len + rows % q_len
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + b64 * stride_qb + h64[:, None] * stride_qh + qi64[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    if PAD_D:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q_mid = q
+    q_lo = q
+    if SPLIT:
+        q = q.to(tl.float32)
+        q_hi = q.to(tl.bfloat16)
+        rest = q - q_hi.to(tl.float32)
+        q_mid = rest.to(tl.bfloat16)
+        q_lo = (rest - q_mid.to(tl.float32)).to(tl.bfloat16)
+        q = q_hi
+    return rows, row_ok, qpos, q, q_mid, q_lo
+
+
+@triton.jit
 def _paged_logits(
     Q, KP, Table, Lengths, Out, Stats, StatMask,
     scale,
@@ -99,31 +133,11 @@ def _paged_logits(
     seq_len = tl.load(Lengths + b64 * stride_lb).to(tl.int32)
     n_rows = GROUP * q_len
 
-    # Row r of the group: query head hk * GROUP + r // q_len, new token r % q_len, which sits at
-    # position seq_len - q_len + r % q_len (bottom-right aligned); output row r of [G, Lq] is r.
-    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    h64 = (hk * GROUP + rows // q_len).to(tl.int64)
-    qi64 = (rows % q_len).to(tl.int64)
-    qpos = seq_len - q_len + rows % q_len
+    rows, row_ok, qpos, q, q_mid, q_lo = _group_queries(
+        Q, b64, hk, mt, seq_len, q_len, head_dim, stride_qb, stride_qh, stride_qm, stride_qd,
+        GROUP, BLOCK_M, BLOCK_D, PAD_D, SPLIT)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    q_ptrs = Q + b64 * stride_qb + h64[:, None] * stride_qh + qi64[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    if PAD_D:
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
-    else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    q_mid = q
-    q_lo = q
-    if SPLIT:
-        # fp32 q = q + q_mid + q_lo exactly, each part bf16: three bf16 products (each exact in fp32)
-        # give the fp32 product on the tensor cores.
-        q = q.to(tl.float32)
-        q_hi = q.to(tl.bfloat16)
-        rest = q - q_hi.to(tl.float32)
-        q_mid = rest.to(tl.bfloat16)
-        q_lo = (rest - q_mid.to(tl.float32)).to(tl.bfloat16)
-        q = q_hi
 
     grow64 = (b64 * num_kv_heads + hk) * n_rows + rows  # row of the flat [B * Hkv * G * Lq, N] output
     out_rows = Out + grow64 * n_tokens

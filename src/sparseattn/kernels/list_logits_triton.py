@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_logits_triton import (MAX_BLOCK_M, MAX_BROADCAST_ROWS, _load_k, _pow2_at_least, _qk, choose_product,
-                                   default_config)
+from .decode_logits_triton import (MAX_BLOCK_M, MAX_BROADCAST_ROWS, _group_queries, _load_k, _pow2_at_least, _qk,
+                                   choose_product, default_config)
 from .dispatch import triton_interpreting
 
 
@@ -52,28 +52,10 @@ def _list_logits(
     count = tl.minimum(tl.load(Counts + b64 * stride_cb + hk * stride_ch), width)
     n_rows = GROUP * q_len
 
-    # Row r of the group: query head hk * GROUP + r // q_len, new token r % q_len at position
-    # seq_len - q_len + r % q_len (bottom-right aligned); output row r of [G, Lq].
-    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    h64 = (hk * GROUP + rows // q_len).to(tl.int64)
-    qi64 = (rows % q_len).to(tl.int64)
-    qpos = seq_len - q_len + rows % q_len
+    rows, row_ok, qpos, q, q_mid, q_lo = _group_queries(
+        Q, b64, hk, mt, seq_len, q_len, head_dim, stride_qb, stride_qh, stride_qm, stride_qd,
+        GROUP, BLOCK_M, BLOCK_D, PAD_D, SPLIT)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = Q + b64 * stride_qb + h64[:, None] * stride_qh + qi64[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    if PAD_D:
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
-    else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    q_mid = q
-    q_lo = q
-    if SPLIT:  # fp32 q on a bf16 cache: three exact bf16 parts (see decode_logits_triton)
-        q = q.to(tl.float32)
-        q_hi = q.to(tl.bfloat16)
-        rest = q - q_hi.to(tl.float32)
-        q_mid = rest.to(tl.bfloat16)
-        q_lo = (rest - q_mid.to(tl.float32)).to(tl.bfloat16)
-        q = q_hi
 
     j = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     listed = j < count
