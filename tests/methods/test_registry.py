@@ -127,3 +127,36 @@ def test_registering_needs_a_unique_name():
 
     with pytest.raises(ValueError, match="already registered"):
         M.register(Clash)
+
+
+@pytest.mark.parametrize("name", ["streaming", "tri_shape", "power", "moa", "dense"])
+def test_static_plans_are_built_once_per_config_and_shape(name, monkeypatch):
+    from sparseattn.methods import base
+
+    monkeypatch.setattr(base, "_STATIC_PLANS", {})
+    method = get_method(name, block_size=64)
+    assert method.static
+    q, k = torch.randn(1, 4, 300, 16), torch.randn(1, 2, 300, 16)
+    built = []
+    real = type(method)._plan
+
+    def counting(self, *a, **kw):
+        built.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(type(method), "_plan", counting)
+    first = method.plan(q, k, k)
+    assert method.plan(torch.randn_like(q), torch.randn_like(k), k) is first and len(built) == 1
+    fresh = real(method, q, k, k, causal=True, layer_idx=None)  # the cached plan is the plan
+    assert torch.equal(first.to_dense_mask(), fresh.to_dense_mask())
+    # Another shape, another config or another causality builds a new plan.
+    method.plan(q[:, :, :200], k[:, :, :250], k[:, :, :250])
+    method.replace(block_size=32).plan(q, k, k)
+    assert len(built) == 3
+    if name == "dense":  # the only static method that also plans non-causal attention
+        method.plan(q, k, k, causal=False)
+        assert len(built) == 4
+    # Bounded: old entries go first.
+    for n in range(base.MAX_STATIC_PLANS + 3):
+        method.plan(q[:, :, : 10 + n], k[:, :, : 10 + n], k[:, :, : 10 + n])
+    assert len(base._STATIC_PLANS) == base.MAX_STATIC_PLANS

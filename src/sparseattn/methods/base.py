@@ -348,6 +348,11 @@ def select_threshold(scores: torch.Tensor, visible: torch.Tensor, forced: torch.
 
 
 # ----------------------------------------------------------------------------- base classes
+# Plans of static methods, least recently used first (a few MB each at 128K: bounded).
+_STATIC_PLANS: "dict" = {}
+MAX_STATIC_PLANS = 16
+
+
 @dataclass(kw_only=True)
 class PrefillMethod:
     """A prefill sparse-attention method: hyperparameters as dataclass fields + ``plan()``.
@@ -365,7 +370,9 @@ class PrefillMethod:
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "prefill"
-    #: True when the plan does not depend on q/k values (cacheable per shape).
+    #: True when the plan does not depend on q/k values: :meth:`plan` builds it once per
+    #: (config, shapes, dtype, device, causal, layer) and returns that same plan afterwards
+    #: (read-only: plans are never changed in place by the library).
     static: ClassVar[bool] = False
 
     block_size: int = 128
@@ -394,7 +401,18 @@ class PrefillMethod:
             # Nothing to attend: any plan of the right shape; dense is the obvious one.
             return BlockPlan.dense(1, 1, block_q=self.block_size, block_k=self.block_size, q_len=Lq, k_len=Lk,
                                    causal=causal, device=q.device)
-        if not self.static and q.is_cuda:  # replay a captured graph: the host cost is one launch
+        if self.static:  # value-independent: built once per (config, shape, device), then shared
+            key = (type(self), repr(self.config()), B, Hq, Hkv, Lq, Lk, q.dtype, q.device, causal, layer_idx)
+            plan = _STATIC_PLANS.get(key)
+            if plan is None:
+                plan = self._plan(q, k, v, causal=causal, layer_idx=layer_idx)
+                _STATIC_PLANS[key] = plan
+                while len(_STATIC_PLANS) > MAX_STATIC_PLANS:
+                    _STATIC_PLANS.pop(next(iter(_STATIC_PLANS)))
+            else:
+                _STATIC_PLANS[key] = _STATIC_PLANS.pop(key)  # most recently used last
+            return plan
+        if q.is_cuda:  # replay a captured graph: the host cost is one launch
             from .graphs import graphed_plan
 
             plan = graphed_plan(self, q, k, v, causal=causal, layer_idx=layer_idx)
