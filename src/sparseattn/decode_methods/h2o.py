@@ -7,7 +7,7 @@ from typing import ClassVar, Optional, Tuple
 
 import torch
 
-from ..methods.base import check_choice, check_float, check_int, rank_mask
+from ..methods.base import check_choice, check_float, check_int, rank_mask, use_triton_estimator
 from ..methods.registry import register
 from .eviction import (GQA_AGGREGATIONS, StepEvictionMethod, group_reduce, kept_attention, listed_attention,
                        listed_lanes, scatter_listed, to_device_ints)
@@ -72,6 +72,10 @@ class H2O(StepEvictionMethod):
     recent_size: Optional[int] = None
     gqa_score_agg: str = "mean"
 
+    # False: the decode step's tail after the list logits runs as PyTorch ops even where the fused
+    # Triton tail could (the tests set it on an instance to compare the two).
+    _fused_tail: ClassVar[bool] = True
+
     def __post_init__(self):
         super().__post_init__()
         check_float("heavy_ratio", self.heavy_ratio, minimum=0.0, maximum=1.0)
@@ -128,6 +132,21 @@ class H2O(StepEvictionMethod):
         tokens, counts = st["tokens"][..., :width], st["count"]
         B, H = counts.shape
         scores = st["scores"]
+        if self._fused_tail and scores.dtype == torch.float32 and use_triton_estimator(q):
+            from ..kernels.evict_listed_triton import evict_listed_h2o, fused_tail_supported
+
+            if fused_tail_supported(q.dtype, cache.dtype, width):
+                # The same step in two launches: the list logits, then the whole tail (softmax, group
+                # reduction, ranking, score / keep updates, list compaction) in one program per row.
+                from ..kernels.list_logits_triton import list_logits_triton
+
+                lengths = cache.layer_lengths(layer)
+                logits = list_logits_triton(q, cache.k_pages(layer), cache.page_table, tokens, counts, lengths,
+                                            page_size=cache.page_size, scale=q.shape[-1] ** -0.5)
+                evict_listed_h2o(logits, tokens, counts, scores, st["keep"], lengths, st["hh"], st["recent"],
+                                 how=self.gqa_score_agg)
+                st["bound"] = [min(b, c) for b, c in zip(st["bound"], st["budget_host"])]
+                return
         lanes = listed_lanes(tokens, counts, scores.shape[-1])
         pos, _, live, _ = lanes
         mass = group_reduce(listed_attention(q, cache, layer, tokens, counts), self.gqa_score_agg)  # [B, H, W]

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ..methods.base import check_int, rank_mask
+from ..methods.base import check_int, rank_mask, use_triton_estimator
 from ..methods.registry import register
 from .eviction import StepEvictionMethod, kept_attention, listed_attention
 
@@ -47,6 +47,10 @@ class TOVA(StepEvictionMethod):
 
     cache_size: int = 512
 
+    # False: the decode step's tail after the list logits runs as PyTorch ops even where the fused
+    # Triton tail could (the tests set it on an instance to compare the two).
+    _fused_tail: ClassVar[bool] = True
+
     def __post_init__(self):
         super().__post_init__()
         check_int("cache_size", self.cache_size, minimum=1)
@@ -70,6 +74,20 @@ class TOVA(StepEvictionMethod):
         # lane-wise, as _observe's runs position-wise.
         tokens, counts = st["tokens"][..., :width], st["count"]
         B, H = counts.shape
+        if self._fused_tail and use_triton_estimator(q):
+            from ..kernels.evict_listed_triton import evict_listed_tova, fused_tail_supported
+
+            if fused_tail_supported(q.dtype, cache.dtype, width):
+                # Two launches: the last query's list logits, then the whole tail (softmax, head mean,
+                # ranking, keep updates and list compaction of every KV head) in one program per sequence.
+                from ..kernels.list_logits_triton import list_logits_triton
+
+                logits = list_logits_triton(q[:, :, -1:], cache.k_pages(layer), cache.page_table, tokens, counts,
+                                            cache.layer_lengths(layer), page_size=cache.page_size,
+                                            scale=q.shape[-1] ** -0.5)
+                evict_listed_tova(logits, tokens, counts, st["keep"], self.cache_size)
+                st["bound"] = [min(b, self.cache_size) for b in st["bound"]]
+                return
         mass = listed_attention(q[:, :, -1:], cache, layer, tokens, counts)  # [B, Hkv, G, W]
         score = mass.mean(2).mean(1)  # [B, W]
         live = torch.arange(width, device=score.device).view(1, width) < counts[:, :1].clamp(max=width)
