@@ -159,6 +159,23 @@ def test_tova_tail_equals_torch(G, Lq, cache_size, const_logits, monkeypatch):
         assert torch.equal(got["count"], st["count"])
 
 
+@pytest.mark.parametrize("heads_per_program,cache_size", [(2, 9), (3, 1), (3, 1000), (5, 4)])
+def test_tova_tail_heads_per_program(heads_per_program, cache_size, monkeypatch):
+    # launch 2 with several heads per program (a ragged last run at 2 of 3; one program per sequence
+    # at 3 and beyond): every program ranks the same scores, so the result is the same
+    B, H, G, Lq, lengths = 2, 3, 3, 1, [45, 26]
+    st, logits, lens, W = random_state(B, H, G, Lq, lengths, shared=True, seed=heads_per_program + cache_size,
+                                       full_row=(1, 0))
+    method = get_method("tova", kind="decode", cache_size=cache_size)
+    st.update(bound=[10 ** 6] * B)
+    want = clone(st)
+    torch_tail(method, want, logits, lens, W, monkeypatch)
+    got = clone(st)
+    evict_listed_tova(logits, got["tokens"][..., :W], got["count"], got["keep"], cache_size,
+                      heads_per_program=heads_per_program)
+    assert_states_equal(got, want)
+
+
 def test_tail_tiles_and_rejects_bad_inputs(monkeypatch):
     # several [BLOCK_G, TILE] passes over the group, a narrow warp count; then the input checks
     B, H, G, Lq = 2, 2, 4, 2
@@ -189,6 +206,8 @@ def test_tail_tiles_and_rejects_bad_inputs(monkeypatch):
         evict_listed_tova(wide, torch.zeros(B, H, MAX_WIDTH + 1, dtype=torch.int32, device=KDEV), c, k, 4)
     with pytest.raises(ValueError):
         evict_listed_tova(logits, t, c, k, -1)
+    with pytest.raises(ValueError):
+        evict_listed_tova(logits, t, c, k, 4, heads_per_program=0)
 
 
 # ----------------------------------------------------------------------------- the methods, step by step
@@ -223,8 +242,8 @@ def test_fused_steps_equal_torch_steps(name, cfg, Hq, Hkv, Lq, monkeypatch):
 # ----------------------------------------------------------------------------- CUDA twins
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["h2o", "tova"])
-def test_gpu_tail_equals_torch_large(name, monkeypatch):
+@pytest.mark.parametrize("name,hpp", [("h2o", 1), ("tova", 1), ("tova", 8)])
+def test_gpu_tail_equals_torch_large(name, hpp, monkeypatch):
     B, H, G, Lq = 2, 8, 4, 1
     lengths = [8192, 8192 - 77]
     # lists of about the budget's size (W ~ 2K as at budget 2048), one full, one empty
@@ -244,7 +263,7 @@ def test_gpu_tail_equals_torch_large(name, monkeypatch):
     if name == "h2o":
         evict_listed_h2o(logits, got["tokens"][..., :W], got["count"], got["scores"], got["keep"], lens, hh, recent)
     else:
-        evict_listed_tova(logits, got["tokens"][..., :W], got["count"], got["keep"], 1500)
+        evict_listed_tova(logits, got["tokens"][..., :W], got["count"], got["keep"], 1500, heads_per_program=hpp)
     assert_states_equal(got, want)
 
 

@@ -78,8 +78,9 @@ class TOVA(StepEvictionMethod):
             from ..kernels.evict_listed_triton import evict_listed_tova, fused_tail_supported
 
             if fused_tail_supported(q.dtype, cache.dtype, width):
-                # Two launches: the last query's list logits, then the whole tail (softmax, head mean,
-                # ranking, keep updates and list compaction of every KV head) in one program per sequence.
+                # Three launches: the last query's list logits, each KV head's softmax mass over its group
+                # (B x Hkv programs), then the head mean, ranking, keep updates and list compaction (every
+                # program ranks the same sums and writes its own head).
                 from ..kernels.list_logits_triton import list_logits_triton
 
                 logits = list_logits_triton(q[:, :, -1:], cache.k_pages(layer), cache.page_table, tokens, counts,

@@ -1,12 +1,15 @@
-"""The O(kept) tail of an H2O / TOVA decode step in one Triton launch.
+"""The O(kept) tail of an H2O / TOVA decode step in one Triton launch (TOVA: two).
 
 After :mod:`.list_logits_triton` has written the step's logits over each row's kept-token list
 (``[B, Hkv, G, Lq, W]``, ``-inf`` where masked), the PyTorch tail of ``H2O._observe_listed`` /
 ``TOVA._observe_listed`` (``decode_methods/h2o.py``, ``tova.py``; the CPU path and the oracle)
 runs ~40 small ops over ``[B, Hkv, G, Lq, W]`` and ``[B, Hkv, W]``: softmax, row sums, group
 reduction, score gather, a stable sort for the ranking, scatters and the list compaction. Here a
-single program owns a whole row (H2O: one (batch, KV head); TOVA: one sequence, all its KV heads,
-which share one decision) and keeps it in registers:
+single program owns a whole row and keeps it in registers. H2O: one program per (batch, KV head).
+TOVA's KV heads share one decision per sequence: launch 1, per (batch, KV head), writes the head's
+group mean to a small fp32 scratch; launch 2 sums the heads in order, ranks and writes, one
+program per (batch, KV head) again, each redoing the cheap ranking (so no program waits on the
+whole sequence's heads, one after the other):
 
 * the probabilities: per query row a softmax over the live lanes (a row that sees nothing adds 0),
   summed over the rows, reduced over the GQA group (``BLOCK_G`` heads per pass, as a
@@ -139,23 +142,45 @@ def _h2o_tail(Logits, Tokens, Counts, Scores, Keep, Lengths, HH, Recent,
 
 
 @triton.jit
-def _tova_tail(Logits, Tokens, Counts, Keep,
-               stride_lb, stride_lh, stride_lg, stride_lq, stride_tb, stride_th, stride_cb, stride_ch,
-               stride_kb, stride_kh,
-               num_heads, group, q_len, width, n_slots, cache_size,
+def _tova_mass(Logits, Counts, Part, Count0,
+               stride_lb, stride_lh, stride_lg, stride_lq, stride_cb, stride_ch,
+               num_heads, group, q_len, width,
                BLOCK_G: tl.constexpr, TILE: tl.constexpr):
+    # Launch 1 of 2, one program per (sequence, KV head): the group mean of the last query row's
+    # probabilities over this head's live lanes -> Part[b, h, :W] (0 past the count).
     b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
     j = tl.arange(0, TILE)
-    # The last query row's probabilities, mean over the group then over the KV heads (= over all Hq).
+    count = tl.minimum(tl.load(Counts + b * stride_cb + h * stride_ch), width)
+    mass = _group_mass(Logits, b * stride_lb + h * stride_lh, stride_lg, stride_lq, j, j < count, group,
+                       q_len - 1, q_len, 0, BLOCK_G, TILE)
+    tl.store(Part + (b * num_heads + h) * width + j, mass, mask=j < width)
+    if h == 0:  # head 0's list decides the keep-set; launch 2 rewrites Counts, so snapshot it here
+        tl.store(Count0 + b, count)
+
+
+@triton.jit
+def _tova_commit(Part, Count0, Tokens, Counts, Keep,
+                 stride_tb, stride_th, stride_cb, stride_ch, stride_kb, stride_kh,
+                 num_heads, width, n_slots, cache_size, heads_per_prog,
+                 TILE: tl.constexpr):
+    # Launch 2 of 2, one program per (sequence, run of heads_per_prog KV heads). Every program of a
+    # sequence recomputes the same selection (same loads, same fp32 order: deterministic), then
+    # writes only its own heads' rows, so no program reads what another one writes.
+    b = tl.program_id(0).to(tl.int64)
+    h_lo = tl.program_id(1) * heads_per_prog
+    h_hi = tl.minimum(h_lo + heads_per_prog, num_heads)
+    j = tl.arange(0, TILE)
+    # Mean over the KV heads of the group means (= over all Hq), summed in ascending head order as
+    # the one-program kernel did (the oracle's mean(2).mean(1)).
+    part = Part + b * num_heads * width + j
     score = tl.zeros([TILE], dtype=tl.float32)
     for h in range(num_heads):
-        live_h = j < tl.minimum(tl.load(Counts + b * stride_cb + h * stride_ch), width)
-        score += _group_mass(Logits, b * stride_lb + h * stride_lh, stride_lg, stride_lq, j, live_h, group,
-                             q_len - 1, q_len, 0, BLOCK_G, TILE)
+        score += tl.load(part + h * width, mask=j < width, other=0.0)
     score = score / num_heads
-    live = j < tl.minimum(tl.load(Counts + b * stride_cb), width)  # one keep-set: head 0's list decides
+    live = j < tl.load(Count0 + b)
     top = _best(score, live, cache_size, TILE) & live
-    for h in range(num_heads):
+    for h in range(h_lo, h_hi):
         c_ptr = Counts + b * stride_cb + h * stride_ch
         live_h = j < tl.minimum(tl.load(c_ptr), width)
         tok_row = b * stride_tb + h * stride_th
@@ -254,8 +279,9 @@ def evict_listed_h2o(logits: torch.Tensor, tokens: torch.Tensor, counts: torch.T
 
 
 def evict_listed_tova(logits: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, keep: torch.Tensor,
-                      cache_size: int, *, block_g: Optional[int] = None, num_warps: Optional[int] = None) -> None:
-    """TOVA's decode-step tail over the kept-token list, in place, one launch (no host sync).
+                      cache_size: int, *, heads_per_program: int = 1, block_g: Optional[int] = None,
+                      num_warps: Optional[int] = None) -> None:
+    """TOVA's decode-step tail over the kept-token list, in place, two launches (no host sync).
 
     ``logits``, ``tokens``, ``counts``, ``keep`` as :func:`evict_listed_h2o` (the KV heads of a
     sequence hold one list: one keep-set per sequence). Only the last query row of ``logits`` is
@@ -263,19 +289,36 @@ def evict_listed_tova(logits: torch.Tensor, tokens: torch.Tensor, counts: torch.
     all ``Hkv * G`` query heads lane-wise score the lanes live in head 0's list; the ``cache_size``
     best survive (ties -> the lower lane). Every head then clears the keep bits of its other live
     lanes and partitions its list (survivors first) with the new count.
+
+    Launch 1 (grid ``(B, Hkv)``) writes each KV head's group-mean probabilities to a float32
+    ``[B, Hkv, W]`` scratch (and head 0's count to an int32 ``[B]`` one); launch 2 (grid
+    ``(B, ceil(Hkv / heads_per_program))``) sums them over the heads, ranks, and writes its heads.
+    ``heads_per_program``: KV heads whose rows one launch-2 program writes; each program redoes the
+    (cheap) ranking, so 1 is fastest while ``B * Hkv`` programs fit the GPU at once, ``Hkv`` ranks
+    once per sequence. ``block_g``, ``num_warps``: as :func:`evict_listed_h2o`.
     """
     B, H, G, Lq, W = _check_common(logits, tokens, counts, keep)
     if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 0:
         raise ValueError(f"cache_size must be an int >= 0, got {cache_size!r}")
+    if not isinstance(heads_per_program, int) or isinstance(heads_per_program, bool) or heads_per_program < 1:
+        raise ValueError(f"heads_per_program must be an int >= 1, got {heads_per_program!r}")
     if B * H == 0 or W == 0 or Lq == 0:
         return
     tile, block_g, num_warps = _config(G, W, block_g, num_warps)
-    _tova_tail[(B,)](
-        logits, tokens, counts, keep.view(torch.uint8),
-        logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), tokens.stride(0), tokens.stride(1),
-        counts.stride(0), counts.stride(1), keep.stride(0), keep.stride(1),
-        H, G, Lq, W, keep.shape[-1], min(cache_size, 2 ** 31 - 1),
+    part = torch.empty(B, H, W, dtype=torch.float32, device=logits.device)
+    count0 = torch.empty(B, dtype=torch.int32, device=logits.device)
+    _tova_mass[(B, H)](
+        logits, counts, part, count0,
+        logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), counts.stride(0), counts.stride(1),
+        H, G, Lq, W,
         BLOCK_G=block_g, TILE=tile, num_warps=num_warps,
+    )
+    hpp = min(heads_per_program, H)
+    _tova_commit[(B, triton.cdiv(H, hpp))](
+        part, count0, tokens, counts, keep.view(torch.uint8),
+        tokens.stride(0), tokens.stride(1), counts.stride(0), counts.stride(1), keep.stride(0), keep.stride(1),
+        H, W, keep.shape[-1], min(cache_size, 2 ** 31 - 1), hpp,
+        TILE=tile, num_warps=num_warps,
     )
 
 
