@@ -111,7 +111,14 @@ class FlexPrefill(PrefillMethod):
             vertical = a.mean(-2)  # [B, Hq, Lk]
             slash = diagonal_sums(a) / P  # indexed by the key reached on the last row
         # 2. budgets in blocks
-        tokens_v, tokens_s = _cover_count(vertical, self.gamma), _cover_count(slash, self.gamma)
+        rows_triton = use_triton_estimator(q) and vertical.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        if rows_triton:
+            from ..kernels.row_select_triton import cover_count_triton, cumsum_mask_triton, rank_mask_triton
+
+            # Both profiles in one launch, one program per row, no sort and no cumsum over Lk.
+            tokens_v, tokens_s = cover_count_triton(torch.stack((vertical, slash)), self.gamma).unbind(0)
+        else:
+            tokens_v, tokens_s = _cover_count(vertical, self.gamma), _cover_count(slash, self.gamma)
         if self.legacy_budget:
             n_v, n_s = tokens_v // 128 + 1, tokens_s // 128 + 1
         else:
@@ -132,8 +139,11 @@ class FlexPrefill(PrefillMethod):
         inf = torch.full((), float("inf"), dtype=dt, device=dev)
         vertical_b[..., 0] = inf
         slash_b[..., nK - 1] = inf
-        keep_v = rank_mask(vertical_b, n_v)  # [B, Hq, nK]
-        keep_s = rank_mask(slash_b, n_s)
+        if rows_triton:
+            keep_v, keep_s = rank_mask_triton(torch.stack((vertical_b, slash_b)), torch.stack((n_v, n_s))).unbind(0)
+        else:
+            keep_v = rank_mask(vertical_b, n_v)  # [B, Hq, nK]
+            keep_s = rank_mask(slash_b, n_s)
         _, last = query_block_positions(nQ, bs, Lq, Lk, dev)
         diag = (last.clamp(min=0) // bs).view(-1, 1)  # [nQ, 1]
         n = torch.arange(nK, device=dev).view(1, -1)
@@ -151,8 +161,13 @@ class FlexPrefill(PrefillMethod):
         probs = torch.softmax((logits / math.sqrt(D)).masked_fill(~visible, float("-inf")), dim=-1)
         probs = torch.nan_to_num(probs, nan=0.0).view(B, Hq, nQ * nK)
         rows = visible.any(-1).sum()
-        values, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-        keep_sorted = torch.cumsum(values, -1) <= self.gamma * rows
-        block_map = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted).view(B, Hq, nQ, nK)
+        if rows_triton:
+            # The same prefix of the descending order, found by bisection; heads that are not
+            # query-aware skip the search.
+            block_map = cumsum_mask_triton(probs, self.gamma * rows, active=query_aware).view(B, Hq, nQ, nK)
+        else:
+            values, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+            keep_sorted = torch.cumsum(values, -1) <= self.gamma * rows
+            block_map = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted).view(B, Hq, nQ, nK)
         mask = mask | (block_map & query_aware.view(B, Hq, 1, 1))
         return BlockPlan.from_block_mask(mask & visible, **geo, causal=True)

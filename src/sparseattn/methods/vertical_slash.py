@@ -91,10 +91,21 @@ class VerticalSlash(PrefillMethod):
             columns, slash = a.sum(-2), diagonal_sums(a)  # slash index t: diagonal at distance Lk - 1 - t
         inf = torch.full((), float("inf"), dtype=columns.dtype, device=dev)
         j = torch.arange(Lk, device=dev)
-        vertical = torch.where(j < self.sink_tokens, inf, columns)  # [B, Hq, Lk]
-        slash = torch.where(j >= Lk - self.local_diagonals, inf, slash)
-        keep_cols = rank_mask(vertical, n_v)  # [B, Hq, Lk]
-        keep_diag = rank_mask(slash, n_s)  # [B, Hq, Lk] over t
+        rows_triton = use_triton_estimator(q) and columns.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        if rows_triton:
+            from ..kernels.row_select_triton import compact_rows_triton, rank_mask_triton
+
+            # Both selections in one launch (one program per row, no sort over Lk).
+            scores = torch.empty(2, B, Hq, Lk, dtype=columns.dtype, device=dev)
+            torch.where(j < self.sink_tokens, inf, columns, out=scores[0])
+            torch.where(j >= Lk - self.local_diagonals, inf, slash, out=scores[1])
+            keep_both = rank_mask_triton(scores, torch.stack((n_v, n_s)))  # [2, B, Hq, Lk]
+            keep_cols, keep_diag = keep_both.unbind(0)
+        else:
+            vertical = torch.where(j < self.sink_tokens, inf, columns)  # [B, Hq, Lk]
+            slash = torch.where(j >= Lk - self.local_diagonals, inf, slash)
+            keep_cols = rank_mask(vertical, n_v)  # [B, Hq, Lk]
+            keep_diag = rank_mask(slash, n_s)  # [B, Hq, Lk] over t
         width = min(Lk, max(self._max_value(self.vertical_size), self.sink_tokens))
         if self.gqa_policy == "group_union":
             keep_cols = keep_cols.view(B, Hkv, G, Lk).any(2)
@@ -112,7 +123,14 @@ class VerticalSlash(PrefillMethod):
         ok = o_lo <= o_hi
         t_lo = (Lk - 1 - o_hi).clamp(0, Lk - 1)
         t_hi = (Lk - 1 - o_lo).clamp(0, Lk - 1)
-        prefix = torch.nn.functional.pad(torch.cumsum(keep_diag, -1), (1, 0))  # [B, H, Lk + 1]
+        if rows_triton:
+            # One pass per row: the kept columns packed (ascending) and the diagonals' prefix counts.
+            if self.gqa_policy == "group_union":
+                keep_both = torch.stack((keep_cols, keep_diag))
+            n_cols, cols, prefix = compact_rows_triton(keep_both, None, width, prefix=True)
+            n_cols, cols, prefix = n_cols[0].unsqueeze(-1), cols[0], prefix[1]
+        else:
+            prefix = torch.nn.functional.pad(torch.cumsum(keep_diag, -1), (1, 0))  # [B, H, Lk + 1]
 
         def at(idx):
             return torch.gather(prefix, -1, idx.reshape(1, 1, -1).expand(B, H, -1)).view(B, H, nQ, nK)
@@ -123,11 +141,15 @@ class VerticalSlash(PrefillMethod):
             return plan
 
         # Kept columns, ascending, then per query block those visible and outside its kept blocks.
-        _, cols = _compact(keep_cols, j.expand(B, H, Lk), width)  # [B, H, width]
-        n_cols = keep_cols.sum(-1, keepdim=True)
+        if not rows_triton:
+            _, cols = _compact(keep_cols, j.expand(B, H, Lk), width)  # [B, H, width]
+            n_cols = keep_cols.sum(-1, keepdim=True)
         slot_ok = torch.arange(width, device=dev).view(1, 1, -1) < n_cols
         cols = cols.long()
         in_block = torch.gather(plan.block_mask(), -1, (cols // bs).unsqueeze(2).expand(B, H, nQ, width))
         cand = slot_ok.unsqueeze(2) & (cols.unsqueeze(2) <= last.view(1, 1, -1, 1)) & ~in_block
-        counts, extra = _compact(cand, cols.unsqueeze(2).expand(B, H, nQ, width), width)
+        if rows_triton:
+            counts, extra = compact_rows_triton(cand, cols.unsqueeze(2), width)  # cols read in place per query block
+        else:
+            counts, extra = _compact(cand, cols.unsqueeze(2).expand(B, H, nQ, width), width)
         return replace(plan, extra_counts=counts, extra_indices=extra)

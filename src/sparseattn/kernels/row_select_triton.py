@@ -1,0 +1,607 @@
+"""Triton sort-free selections over long rows (FlexPrefill and vertical-slash estimators).
+
+The PyTorch twins sort whole rows and scan them with ``cumsum``, which on a few long rows (9
+heads x 32K keys at 32K) is poorly parallel: ``methods.base.rank_mask`` / ``compact_rows``,
+flexprefill's ``_cover_count`` and its query-aware block map. They stay the CPU path and the
+oracle; these kernels give the same results on CUDA:
+
+* ``rank_mask_triton``: the ``n`` largest entries per row (ties to the lower index), a mask.
+* ``cover_count_triton``: 1 + how many of the largest entries have a cumulative sum ``<= gamma``.
+* ``cumsum_mask_triton``: the entries whose cumulative sum in descending order is ``<= target``.
+* ``compact_rows_triton``: a row's kept positions (or values) packed left, and/or the prefix
+  counts of kept entries (vertical-slash's column list and diagonal prefix), in one pass.
+
+Selection without sorting. One program per row searches the order-preserving int32 image
+``key`` of the float32 values for the cut ``t``: every entry with ``key > t`` is kept, and of
+the entries equal to ``t`` a prefix in index order (the stable descending sort's order). ``t``
+is the smallest key whose count above it is ``< n`` (top-n) or whose mass above it is
+``<= target`` (cumulative mass). The search keeps a bracket ``[lo, hi]`` (initially the row's
+``[min - 1, max]``) and costs one pass over a source per step:
+
+* a pass evaluates three probes at the quarters of the bracket (count, and mass, above each),
+  accumulating per lane over chunks of ``BLOCK`` entries and reducing once at the end (one
+  tuple reduction), so each pass cuts the bracket to a quarter for ~1.5x the work of one probe;
+* when at most half of the source still lies in the bracket, that pass also copies the keys in
+  the bracket to a per-row scratch, lane-major (lane ``l`` appends to its own column: no scan and
+  no cross-lane traffic); the entries above ``hi`` become a count and a mass, and later passes
+  read only the candidates;
+* once at most ``FIN`` candidates remain (128; 64 for programs of fewer than 8 warps), the count
+  / mass above every candidate is one ``FIN x FIN`` comparison in registers and ``t`` is the
+  smallest feasible candidate;
+* a last pass over the row writes the mask (ties ranked by a running count only when a tie
+  group is split).
+
+Cost on an H100 (estimates, not measurements). Vertical-slash at 32K: one launch for both
+selections, 18 rows of 32K float32 (128 KB each, just written by the profile kernel, so
+L2-resident), one program of 16 warps per row. On these profiles the search takes 1-3 passes
+over the whole row (the first from L2, the rest from L1), one compacting pass, 3-5 short passes
+and the finish; with the min/max pass and the mask pass that is ~5 row reads, ~16 integer
+instructions per entry and probe pass, and ~8 block-wide reductions: ~20-30 K cycles, ~15 us
+for the whole launch whatever the number of rows up to one per SM (PyTorch: two radix sorts of
+[9, 32K] plus scatters, ~100 us, and the cumsum scans). Worst case (a huge tie block straddling
+the cut): ~16 full passes. Scratch: ``2 * N`` int32 per row. With few rows most SMs idle, but
+the alternatives (a histogram needs newer Triton; splitting a row over programs needs a launch
+per step) cost more at this size; a 512K row costs ~16x a 32K row. ``compact_rows_triton``: one
+program per row, one read of the mask and one write of each output, a scan and a sum per chunk of
+8192 entries (~2-4 us for 18 rows of 32K; vertical-slash's per-query-block extra columns,
+[9 x 512 rows, 1000], are one chunk per program).
+
+Exact rules. Top-n: identical to ``rank_mask`` (NaN ranks above +inf and NaNs tie; -0.0 ties
+with +0.0; keys come from integer ops only, so denormals keep their order). Mass: entries must be
+finite and >= 0. The mass above a probe is a float32 sum (per-lane running sums, then a tree;
+after a compaction, the mass above ``hi`` plus that of the candidates), and the ``j``-th entry
+equal to ``t`` (index order, 1-based) is kept when ``M(t) + j * x_t <= target`` in float32. The
+PyTorch path sums the sorted row in another order, so the two agree except where ``target`` lies
+within float32 rounding of a prefix sum (~``sqrt(N) * 2**-24`` relative, ``N * 2**-24`` at worst);
+FlexPrefill's budgets built from these counts are then rounded up to blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import triton_interpreting
+
+#: Score dtypes the selection kernels read (each converts to float32 exactly, so the order is kept).
+SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Once at most this many keys remain, the cut is found in registers (a FIN x FIN comparison;
+#: half as many below 8 warps, so that the tile stays at <= 64 entries per thread).
+FINISH_KEYS = 128
+
+
+@triton.jit
+def _key_of(x):
+    """float32 -> int32 with the same order, in integer ops only (no float op that could flush
+    denormals): a negative value maps to minus its magnitude bits, so -0.0 ties with +0.0; every
+    NaN maps above +inf (NaNs then tie, and go by index as in the stable sort)."""
+    bits = x.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    sign = bits >> 31  # 0 or -1 (arithmetic shift)
+    key = (mag ^ sign) - sign  # mag, or -mag for a negative value
+    return tl.where(mag > 0x7F800000, 0x7FFFFFFF, key)
+
+
+@triton.jit
+def _value_of(key):
+    """The inverse of ``_key_of`` (up to the canonical +0.0 and NaN)."""
+    sign = key >> 31
+    bits = ((key ^ sign) - sign) | (sign & (-2147483647 - 1))
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_keys(ptr, offs, valid, FROM_INPUT: tl.constexpr):
+    if FROM_INPUT:
+        key = _key_of(tl.load(ptr + offs, mask=valid, other=0.0).to(tl.float32))
+    else:
+        key = tl.load(ptr + offs, mask=valid, other=0)
+    return key
+
+
+@triton.jit
+def _combine_counts(a1, a2, a3, ak, b1, b2, b3, bk):
+    return a1 + b1, a2 + b2, a3 + b3, tl.maximum(ak, bk)
+
+
+@triton.jit
+def _combine_masses(a1, a2, a3, am1, am2, am3, ak, b1, b2, b3, bm1, bm2, bm3, bk):
+    return a1 + b1, a2 + b2, a3 + b3, am1 + bm1, am2 + bm2, am3 + bm3, tl.maximum(ak, bk)
+
+
+@triton.jit
+def _probe_pass(src_ptr, n_chunks, lane_cnt, n_input, p1, p2, p3, lo, hi, dst_ptr,
+                FROM_INPUT: tl.constexpr, COMPACT: tl.constexpr, MASS: tl.constexpr, BLOCK: tl.constexpr,
+                FUSED: tl.constexpr):
+    """One pass over a source for three probes ``p1 <= p2 <= p3``: the count (and mass) of its
+    keys above each, with per-lane accumulators and one tuple reduction at the end. Three probes
+    cut the bracket to a quarter per pass, at ~1.5x the work of one.
+
+    A scratch source is lane-major: lane ``l``'s ``j``-th key is at ``j * BLOCK + l`` for
+    ``j < lane_cnt[l]``. ``COMPACT`` also copies the keys in ``[lo, hi]`` to ``dst_ptr`` in that
+    layout (each lane appends to its own column: no scan, no cross-lane traffic) and counts only
+    those; it returns the new lane counts and their maximum. ``FUSED=False`` reduces each result
+    separately (the interpreter runs a tuple reduction element by element).
+    """
+    lanes = tl.arange(0, BLOCK)
+    c1 = tl.zeros([BLOCK], dtype=tl.int32)
+    c2 = tl.zeros([BLOCK], dtype=tl.int32)
+    c3 = tl.zeros([BLOCK], dtype=tl.int32)
+    m1 = tl.zeros([BLOCK], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK], dtype=tl.float32)
+    m3 = tl.zeros([BLOCK], dtype=tl.float32)
+    new_cnt = tl.zeros([BLOCK], dtype=tl.int32)
+    for j in range(0, n_chunks):
+        offs = j * BLOCK + lanes
+        if FROM_INPUT:
+            valid = offs < n_input
+        else:
+            valid = j < lane_cnt
+        key = _load_keys(src_ptr, offs, valid, FROM_INPUT)
+        if COMPACT:
+            valid = valid & (key >= lo) & (key <= hi)
+            tl.store(dst_ptr + new_cnt * BLOCK + lanes, key, mask=valid)
+            new_cnt += valid.to(tl.int32)
+        a1 = valid & (key > p1)
+        a2 = valid & (key > p2)
+        a3 = valid & (key > p3)
+        c1 += a1.to(tl.int32)
+        c2 += a2.to(tl.int32)
+        c3 += a3.to(tl.int32)
+        if MASS:
+            x = _value_of(key)
+            m1 += tl.where(a1, x, 0.0)
+            m2 += tl.where(a2, x, 0.0)
+            m3 += tl.where(a3, x, 0.0)
+    if not MASS:
+        s1, s2, s3 = tl.zeros([], dtype=tl.float32), tl.zeros([], dtype=tl.float32), tl.zeros([], dtype=tl.float32)
+    if FUSED:
+        if MASS:
+            c1, c2, c3, s1, s2, s3, widest = tl.reduce((c1, c2, c3, m1, m2, m3, new_cnt), 0, _combine_masses)
+        else:
+            c1, c2, c3, widest = tl.reduce((c1, c2, c3, new_cnt), 0, _combine_counts)
+    else:
+        c1, c2, c3, widest = tl.sum(c1, 0), tl.sum(c2, 0), tl.sum(c3, 0), tl.max(new_cnt, 0)
+        if MASS:
+            s1, s2, s3 = tl.sum(m1, 0), tl.sum(m2, 0), tl.sum(m3, 0)
+    return c1, c2, c3, s1, s2, s3, widest, new_cnt
+
+
+@triton.jit
+def _finish(keys, n_keys, lo, hi, base_c, base_m, n_keep, target, MASS: tl.constexpr):
+    """The cut among at most FIN keys (``keys`` [FIN], the first ``n_keys`` valid) in registers:
+    the count / mass above every candidate key at once (a FIN x FIN comparison), then the
+    smallest feasible one. Returns (t, count above t, mass above t, count of keys >= t)."""
+    idx = tl.arange(0, keys.shape[0])
+    valid = idx < n_keys
+    kj = tl.where(valid, keys, -2147483647 - 1)  # never above a probe (probes are >= min key - 1)
+    xj = tl.where(valid, _value_of(keys), 0.0)
+    gt = kj[None, :] > kj[:, None]  # [i, j]: key j above probe key i
+    s_i = base_c + tl.sum(gt.to(tl.int32), 1)
+    if MASS:
+        m_i = base_m + tl.sum(tl.where(gt, xj[None, :], 0.0), 1)
+        ok_i = m_i <= target
+    else:
+        ok_i = s_i.to(tl.int64) < n_keep
+    ok_i = ok_i & valid & (kj >= lo) & (kj <= hi)
+    t = tl.min(tl.where(ok_i, kj, 2147483647), 0)
+    above_lo = kj > lo
+    if MASS:
+        ok_lo = base_m + tl.sum(tl.where(above_lo, xj, 0.0), 0) <= target
+    else:
+        ok_lo = (base_c + tl.sum(above_lo.to(tl.int32), 0)).to(tl.int64) < n_keep
+    t = tl.where(ok_lo, lo, tl.minimum(t, hi))
+    above = kj > t
+    c_hi = base_c + tl.sum(above.to(tl.int32), 0)
+    m_hi = base_m + tl.sum(tl.where(above, xj, 0.0), 0)
+    c_ge = base_c + tl.sum((kj >= t).to(tl.int32), 0)
+    return t, c_hi, m_hi, c_ge
+
+
+@triton.jit
+def _select_rows(X, Param, Active, Scratch, Mask, Count,
+                 stride_xr, N, n_pad, count_bias,
+                 MASS: tl.constexpr, HAS_ACTIVE: tl.constexpr, WRITE_MASK: tl.constexpr,
+                 WRITE_COUNT: tl.constexpr, BLOCK: tl.constexpr, FIN: tl.constexpr, FUSED: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_xr
+    s_row = Scratch + row * (2 * n_pad)  # two lane-major buffers of n_pad keys
+    lanes = tl.arange(0, BLOCK)
+    n_live = N
+    if HAS_ACTIVE:
+        n_live = tl.where(tl.load(Active + row) != 0, N, 0)  # an inactive row selects nothing
+    if MASS:
+        target = tl.load(Param + row).to(tl.float32)
+        n_keep = tl.zeros([], dtype=tl.int64)
+    else:
+        target = tl.zeros([], dtype=tl.float32)
+        n_keep = tl.load(Param + row).to(tl.int64)
+
+    # Key range: the cut lies in [min - 1, max] (min - 1 keeps everything). This first read of the
+    # row comes from L2: two chunks per iteration keep twice the loads in flight.
+    vmin = tl.full([BLOCK], 2147483647, dtype=tl.int32)
+    vmax = tl.full([BLOCK], -2147483647 - 1, dtype=tl.int32)
+    for c in range(0, n_live, 2 * BLOCK):
+        offs = c + lanes
+        valid = offs < n_live
+        valid2 = offs + BLOCK < n_live
+        key = _load_keys(x_row, offs, valid, True)
+        key2 = _load_keys(x_row, offs + BLOCK, valid2, True)
+        vmin = tl.minimum(vmin, tl.minimum(tl.where(valid, key, 2147483647), tl.where(valid2, key2, 2147483647)))
+        vmax = tl.maximum(vmax, tl.maximum(tl.where(valid, key, -2147483647 - 1),
+                                           tl.where(valid2, key2, -2147483647 - 1)))
+    lo = tl.min(vmin, 0)
+    lo = tl.where(lo > -2147483647 - 1, lo - 1, lo)  # an empty row leaves lo > hi
+    hi = tl.max(vmax, 0)
+
+    # Smallest probe p in [lo, hi] whose count above p is < n (mass above p <= target), with
+    # c_hi / m_hi the count / mass above hi and c_lo1 the count of keys >= lo.
+    c_hi = tl.zeros([], dtype=tl.int32)
+    m_hi = tl.zeros([], dtype=tl.float32)
+    c_lo1 = tl.zeros([], dtype=tl.int32) + n_live
+    # The source of a pass: 0 = the input row, 1 / 2 = scratch buffer 0 / 1 holding the keys of
+    # the bracket at the last compaction (lane-major); base_c / base_m: the keys above it.
+    src = tl.zeros([], dtype=tl.int32)
+    src_total = tl.zeros([], dtype=tl.int32) + n_live
+    n_chunks = tl.zeros([], dtype=tl.int32) + tl.cdiv(n_live, BLOCK)  # a tensor even if N == 1 is specialised
+    lane_cnt = tl.zeros([BLOCK], dtype=tl.int32)
+    base_c = tl.zeros([], dtype=tl.int32)
+    base_m = tl.zeros([], dtype=tl.float32)
+    while (lo < hi) & (src_total > FIN):
+        width = hi.to(tl.int64) - lo.to(tl.int64)
+        p1 = (lo.to(tl.int64) + width // 4).to(tl.int32)
+        p2 = (lo.to(tl.int64) + width // 2).to(tl.int32)
+        p3 = (lo.to(tl.int64) + (width * 3) // 4).to(tl.int32)
+        if (c_lo1 - c_hi) * 2 <= src_total:  # at most half of the source is still a candidate
+            dst = tl.where(src == 1, 2, 1)
+            dst_ptr = s_row + tl.where(dst == 1, 0, n_pad)
+            if src == 0:
+                s1, s2, s3, q1, q2, q3, widest, new_cnt = _probe_pass(
+                    x_row, n_chunks, lane_cnt, n_live, p1, p2, p3, lo, hi, dst_ptr, True, True, MASS, BLOCK, FUSED)
+            else:
+                s1, s2, s3, q1, q2, q3, widest, new_cnt = _probe_pass(
+                    s_row + tl.where(src == 1, 0, n_pad), n_chunks, lane_cnt, n_live, p1, p2, p3, lo, hi, dst_ptr,
+                    False, True, MASS, BLOCK, FUSED)
+            tl.debug_barrier()  # later passes read what other threads wrote
+            src = dst
+            src_total = c_lo1 - c_hi
+            lane_cnt = new_cnt
+            n_chunks = widest
+            base_c = c_hi
+            base_m = m_hi
+        else:
+            if src == 0:
+                s1, s2, s3, q1, q2, q3, widest, new_cnt = _probe_pass(
+                    x_row, n_chunks, lane_cnt, n_live, p1, p2, p3, lo, hi, s_row, True, False, MASS, BLOCK, FUSED)
+            else:
+                s1, s2, s3, q1, q2, q3, widest, new_cnt = _probe_pass(
+                    s_row + tl.where(src == 1, 0, n_pad), n_chunks, lane_cnt, n_live, p1, p2, p3, lo, hi, s_row,
+                    False, False, MASS, BLOCK, FUSED)
+        s1 += base_c
+        s2 += base_c
+        s3 += base_c
+        q1 += base_m
+        q2 += base_m
+        q3 += base_m
+        if MASS:
+            f1, f2, f3 = q1 <= target, q2 <= target, q3 <= target
+        else:
+            f1, f2, f3 = s1.to(tl.int64) < n_keep, s2.to(tl.int64) < n_keep, s3.to(tl.int64) < n_keep
+        # Feasibility is monotone in the probe: keep the quarter holding the smallest feasible one.
+        hi_new = tl.where(f1, p1, tl.where(f2, p2, tl.where(f3, p3, hi)))
+        c_hi = tl.where(f1, s1, tl.where(f2, s2, tl.where(f3, s3, c_hi)))
+        m_hi = tl.where(f1, q1, tl.where(f2, q2, tl.where(f3, q3, m_hi)))
+        lo = tl.where(f1, lo, tl.where(f2, p1 + 1, tl.where(f3, p2 + 1, p3 + 1)))
+        c_lo1 = tl.where(f1, c_lo1, tl.where(f2, s1, tl.where(f3, s2, s3)))
+        hi = hi_new
+
+    if lo < hi:  # at most FIN keys left in the source: finish in registers
+        idx = tl.arange(0, FIN)
+        if src == 0:
+            keys = _load_keys(x_row, idx, idx < n_live, True)
+        else:
+            # Dense copy of the lane-major source into the other buffer, then one load.
+            src_ptr = s_row + tl.where(src == 1, 0, n_pad)
+            tile = s_row + tl.where(src == 1, n_pad, 0)
+            start = tl.cumsum(lane_cnt, 0) - lane_cnt
+            for j in range(0, n_chunks):
+                has = j < lane_cnt
+                tl.store(tile + start + j, tl.load(src_ptr + j * BLOCK + lanes, mask=has, other=0), mask=has)
+            tl.debug_barrier()
+            keys = tl.load(tile + idx, mask=idx < src_total, other=0)
+        t, c_hi, m_hi, c_lo1 = _finish(keys, src_total, lo, hi, base_c, base_m, n_keep, target, MASS)
+    else:
+        t = lo
+
+    n_ties = c_lo1 - c_hi  # keys equal to t
+    if MASS:
+        # The j-th tie (1-based) ends at M(t) + j * x_t: keep the longest run that stays <= target.
+        x_t = _value_of(t)
+        j_lo = tl.zeros([], dtype=tl.int32)
+        j_hi = n_ties
+        while j_lo < j_hi:
+            j_mid = j_lo + (j_hi - j_lo + 1) // 2
+            fits = m_hi + j_mid.to(tl.float32) * x_t <= target
+            j_lo = tl.where(fits, j_mid, j_lo)
+            j_hi = tl.where(fits, j_hi, j_mid - 1)
+        kept_ties = j_lo
+    else:
+        kept_ties = tl.minimum(tl.maximum(n_keep - c_hi.to(tl.int64), 0), n_ties.to(tl.int64)).to(tl.int32)
+
+    if WRITE_COUNT:
+        tl.store(Count + row, (c_hi + kept_ties).to(tl.int64) + count_bias)
+    if WRITE_MASK:
+        m_row = Mask + row * N
+        if (kept_ties == 0) | (kept_ties == n_ties):
+            all_ties = kept_ties > 0
+            for c in range(0, N, BLOCK):
+                offs = c + lanes
+                live = offs < n_live
+                key = _load_keys(x_row, offs, live, True)
+                keep = live & ((key > t) | ((key == t) & all_ties))
+                tl.store(m_row + offs, keep.to(tl.uint8), mask=offs < N)
+        else:  # a partial tie group: ranks among the ties in index order
+            seen = tl.zeros([], dtype=tl.int32)
+            for c in range(0, N, BLOCK):
+                offs = c + lanes
+                live = offs < n_live
+                key = _load_keys(x_row, offs, live, True)
+                tie = live & (key == t)
+                rank = seen + tl.cumsum(tie.to(tl.int32), 0) - 1
+                keep = live & ((key > t) | (tie & (rank < kept_ties)))
+                tl.store(m_row + offs, keep.to(tl.uint8), mask=offs < N)
+                seen += tl.sum(tie.to(tl.int32), 0)
+
+
+def _shape_name(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_rows(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"{name} must be a tensor [..., N], got {_shape_name(x)}")
+    if x.dtype not in SCORE_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def _per_row(name: str, value, lead, device, dtype) -> torch.Tensor:
+    """A per-row parameter as a contiguous ``[R]`` tensor (broadcast from a scalar or ``lead``)."""
+    if isinstance(value, torch.Tensor):
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the rows are on {device}")
+        try:
+            value = value.expand(lead)
+        except RuntimeError:
+            raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the rows' "
+                             f"leading shape {tuple(lead)}") from None
+        return value.to(dtype).reshape(-1).contiguous()
+    return torch.full((math.prod(lead),), value, dtype=dtype, device=device)
+
+
+def _block_and_warps(N: int, block: Optional[int], num_warps: Optional[int]) -> Tuple[int, int]:
+    if block is None:  # 2048 x 16 warps: one 16-byte load per thread and chunk, no register spills
+        block = min(2048, max(128, triton.next_power_of_2(max(N, 1))))
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    if num_warps is None:
+        num_warps = min(16, max(4, block // 128))
+    return block, num_warps
+
+
+def _select(x: torch.Tensor, param: torch.Tensor, *, mass: bool, write_mask: bool, write_count: bool,
+            count_bias: int = 0, active: Optional[torch.Tensor] = None, block: Optional[int] = None,
+            num_warps: Optional[int] = None, fused: Optional[bool] = None):
+    lead, N = x.shape[:-1], x.shape[-1]
+    R = math.prod(lead)
+    dev = x.device
+    mask = torch.empty(x.shape, dtype=torch.bool, device=dev) if write_mask else None
+    count = torch.empty(lead, dtype=torch.int64, device=dev) if write_count else None
+    if R == 0:
+        return mask, count
+    if N == 0:
+        if count is not None:
+            count.fill_(count_bias)
+        return mask, count
+    rows = x.reshape(R, N)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    block, num_warps = _block_and_warps(N, block, num_warps)
+    n_pad = triton.cdiv(N, block) * block  # a lane-major buffer: block lanes x ceil(N / block) keys
+    scratch = torch.empty(R, 2 * n_pad, dtype=torch.int32, device=dev)
+    act = active.reshape(-1).contiguous().view(torch.uint8) if active is not None else param
+    mask_arg = mask.view(torch.uint8) if mask is not None else scratch
+    count_arg = count if count is not None else scratch
+    _select_rows[(R,)](rows, param, act, scratch, mask_arg, count_arg,
+                       rows.stride(0), N, n_pad, int(count_bias),
+                       MASS=mass, HAS_ACTIVE=active is not None, WRITE_MASK=write_mask, WRITE_COUNT=write_count,
+                       BLOCK=block, FIN=FINISH_KEYS if num_warps >= 8 else FINISH_KEYS // 2,
+                       FUSED=not triton_interpreting() if fused is None else bool(fused), num_warps=num_warps)
+    return mask, count
+
+
+def rank_mask_triton(scores: torch.Tensor, n, *, block: Optional[int] = None, num_warps: Optional[int] = None,
+                     fused: Optional[bool] = None) -> torch.Tensor:
+    """bool ``[..., N]``: the ``n`` best entries of each row, ties to the lower index.
+
+    The twin of ``methods.base.rank_mask``, exactly (NaN ranks above ``+inf``; ``-0.0`` ties
+    with ``+0.0``; ``n <= 0`` keeps nothing, ``n >= N`` everything).
+
+    Args:
+        scores: float32 / float16 / bfloat16 ``[..., N]`` (any strides; one program per row).
+        n: int tensor broadcastable to ``scores.shape[:-1]``, or a Python int.
+        block, num_warps: the chunk of a row one pass reads, and the warps of a row's program.
+        fused: one tuple reduction per pass (default: on, except in the interpreter, where a
+            tuple reduction runs element by element; tests force it on small rows).
+    No host sync.
+    """
+    _check_rows("scores", scores)
+    if isinstance(n, torch.Tensor):
+        if n.dtype.is_floating_point or n.dtype == torch.bool or n.is_complex():
+            raise ValueError(f"n must be an integer tensor, got {n.dtype}")
+    elif not isinstance(n, numbers.Integral) or isinstance(n, bool):
+        raise ValueError(f"n must be an int or an integer tensor, got {n!r}")
+    param = _per_row("n", n, scores.shape[:-1], scores.device, torch.int64)
+    mask, _ = _select(scores, param, mass=False, write_mask=True, write_count=False, block=block,
+                      num_warps=num_warps, fused=fused)
+    return mask
+
+
+def _check_target(name: str, value) -> None:
+    if isinstance(value, torch.Tensor):
+        if not value.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    elif not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number or a float tensor, got {value!r}")
+
+
+def cover_count_triton(x: torch.Tensor, gamma, *, block: Optional[int] = None, num_warps: Optional[int] = None,
+                       fused: Optional[bool] = None) -> torch.Tensor:
+    """int64 ``[...]``: per row, 1 + how many of the largest entries have a cumulative sum ``<= gamma``.
+
+    The twin of flexprefill's ``_cover_count`` (``gamma`` compares in float32, as there). Entries
+    must be finite and ``>= 0``; see the module docstring for the float32 rule at the cut.
+
+    Args:
+        x: float32 / float16 / bfloat16 ``[..., N]``.
+        gamma: a float, or a float tensor broadcastable to ``x.shape[:-1]``.
+        block, num_warps, fused: as in :func:`rank_mask_triton`.
+    No host sync.
+    """
+    _check_rows("x", x)
+    _check_target("gamma", gamma)
+    param = _per_row("gamma", gamma, x.shape[:-1], x.device, torch.float32)
+    _, count = _select(x, param, mass=True, write_mask=False, write_count=True, count_bias=1, block=block,
+                       num_warps=num_warps, fused=fused)
+    return count
+
+
+def cumsum_mask_triton(x: torch.Tensor, target, *, active: Optional[torch.Tensor] = None,
+                       block: Optional[int] = None, num_warps: Optional[int] = None,
+                       fused: Optional[bool] = None) -> torch.Tensor:
+    """bool ``[..., N]``: the entries whose cumulative sum, in stable descending order, is ``<= target``.
+
+    What ``sort(x, descending=True, stable=True)`` + ``cumsum(values) <= target`` scattered back
+    gives (FlexPrefill's query-aware block map): a prefix of the descending order, ties to the
+    lower index. Entries must be finite and ``>= 0``; see the module docstring for the float32
+    rule at the cut.
+
+    Args:
+        x: float32 / float16 / bfloat16 ``[..., N]``.
+        target: a float, or a float tensor broadcastable to ``x.shape[:-1]`` (compared in float32).
+        active: optional bool tensor broadcastable to ``x.shape[:-1]``: rows where it is False
+            select nothing (and cost a zero fill).
+        block, num_warps, fused: as in :func:`rank_mask_triton`.
+    No host sync.
+    """
+    _check_rows("x", x)
+    _check_target("target", target)
+    lead = x.shape[:-1]
+    param = _per_row("target", target, lead, x.device, torch.float32)
+    act = None
+    if active is not None:
+        if not isinstance(active, torch.Tensor) or active.dtype != torch.bool:
+            raise ValueError(f"active must be a bool tensor, got "
+                             f"{active.dtype if isinstance(active, torch.Tensor) else type(active).__name__}")
+        act = _per_row("active", active, lead, x.device, torch.bool)
+    mask, _ = _select(x, param, mass=True, write_mask=True, write_count=False, active=act, block=block,
+                      num_warps=num_warps, fused=fused)
+    return mask
+
+
+@triton.jit
+def _compact_rows(Mask, Values, Counts, Packed, Prefix, N, width, rep, stride_vr,
+                  HAS_VALUES: tl.constexpr, PACK: tl.constexpr, PREFIX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs0 = tl.arange(0, BLOCK)
+    found = tl.zeros([], dtype=tl.int32)
+    for c in range(0, N, BLOCK):
+        offs = c + offs0
+        valid = offs < N
+        keep = valid & (tl.load(Mask + row * N + offs, mask=valid, other=0) != 0)
+        incl = found + tl.cumsum(keep.to(tl.int32), 0)
+        if PREFIX:
+            tl.store(Prefix + row * (N + 1) + 1 + offs, incl, mask=valid)
+        if PACK:
+            if HAS_VALUES:
+                val = tl.load(Values + (row // rep) * stride_vr + offs, mask=keep, other=0).to(tl.int32)
+            else:
+                val = offs
+            rank = incl - 1
+            tl.store(Packed + row * width + rank, val, mask=keep & (rank < width))
+        found += tl.sum(keep.to(tl.int32), 0)
+    if PREFIX:
+        tl.store(Prefix + row * (N + 1), found * 0)
+    if PACK:  # zeros after the count, as compact_rows leaves them
+        for c in range(0, width, BLOCK):
+            offs = c + offs0
+            tl.store(Packed + row * width + offs, tl.zeros([BLOCK], dtype=tl.int32),
+                     mask=(offs >= found) & (offs < width))
+    tl.store(Counts + row, found)
+
+
+def compact_rows_triton(mask: torch.Tensor, values: Optional[torch.Tensor] = None, width: int = 0, *,
+                        prefix: bool = False, block: Optional[int] = None, num_warps: Optional[int] = None):
+    """Pack each row's kept entries left, as ``methods.base.compact_rows``, and/or its prefix counts.
+
+    Args:
+        mask: bool ``[..., N]``.
+        values: optional int tensor ``[..., N]`` broadcastable to ``mask``: the values packed
+            (cast to int32); default the positions ``0 .. N - 1``. A tensor shared along the
+            next-to-last dimension (``[..., 1, N]`` for a mask ``[..., M, N]``) is read in place.
+        width: slots per row (entries past it are dropped; 0 packs nothing).
+        prefix: also return ``int32 [..., N + 1]``: ``[0, cumsum(mask)]`` per row.
+    Returns:
+        ``(counts int32 [...], packed int32 [..., width])`` (unused slots hold 0), plus the prefix
+        when ``prefix=True``. One program per row, one pass. No host sync.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() < 1 or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor [..., N], got "
+                         f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if not isinstance(width, numbers.Integral) or isinstance(width, bool) or width < 0:
+        raise ValueError(f"width must be an int >= 0, got {width!r}")
+    lead, N = mask.shape[:-1], mask.shape[-1]
+    R, dev = math.prod(lead), mask.device
+    rep, stride_vr, vals = 1, N, None
+    if values is not None:
+        if not isinstance(values, torch.Tensor) or values.dtype.is_floating_point or values.dtype == torch.bool:
+            raise ValueError(f"values must be an integer tensor, got "
+                             f"{values.dtype if isinstance(values, torch.Tensor) else type(values).__name__}")
+        if values.device != dev:
+            raise ValueError(f"values is on {values.device} but mask is on {dev}")
+        try:
+            torch.broadcast_shapes(values.shape, mask.shape)
+        except RuntimeError:
+            raise ValueError(f"values of shape {tuple(values.shape)} does not broadcast to mask "
+                             f"{tuple(mask.shape)}") from None
+        if values.dim() == mask.dim() and mask.dim() >= 2 and values.shape[-2] == 1 and \
+                values.shape[:-2] == mask.shape[:-2] and values.shape[-1] == N:
+            rep = mask.shape[-2]  # one values row per group of `rep` mask rows
+            vals = values.reshape(-1, N)
+        else:
+            vals = values.expand(mask.shape).reshape(R, N)
+        if vals.stride(-1) != 1:
+            vals = vals.contiguous()
+        stride_vr = vals.stride(0) if vals.shape[0] > 1 else N
+    counts = torch.empty(lead, dtype=torch.int32, device=dev)
+    packed = torch.empty(*lead, width, dtype=torch.int32, device=dev)
+    pre = torch.empty(*lead, N + 1, dtype=torch.int32, device=dev) if prefix else None
+    if R > 0:
+        m = mask.reshape(R, N)
+        if not m.is_contiguous():
+            m = m.contiguous()
+        if block is None:  # few, wide chunks: each costs a scan and a sum (two block-wide barriers)
+            block = min(8192, max(16, triton.next_power_of_2(max(N, 1))))
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"block must be a power of two >= 16, got {block}")
+        if num_warps is None:
+            num_warps = min(16, max(1, block // 512))
+        _compact_rows[(R,)](m.view(torch.uint8), vals if vals is not None else counts, counts, packed,
+                            pre if pre is not None else counts, N, width, rep, stride_vr,
+                            HAS_VALUES=vals is not None, PACK=width > 0, PREFIX=prefix, BLOCK=block,
+                            num_warps=num_warps)
+    return (counts, packed, pre) if prefix else (counts, packed)
