@@ -203,7 +203,9 @@ def _finish(keys, n_keys, lo, hi, base_c, base_m, n_keep, target, MASS: tl.const
     return t, c_hi, m_hi, c_ge
 
 
-@triton.jit
+# Lengths and strides of 1 are not specialised: Triton 3.6's coalescing pass asserts on the
+# size-1 layouts that specialisation produces (rows of a single entry, seen on the H100).
+@triton.jit(do_not_specialize=["stride_xr", "N", "n_pad", "count_bias"])
 def _select_rows(X, Param, Active, Scratch, Mask, Count,
                  stride_xr, N, n_pad, count_bias,
                  MASS: tl.constexpr, HAS_ACTIVE: tl.constexpr, WRITE_MASK: tl.constexpr,
@@ -513,7 +515,7 @@ def cumsum_mask_triton(x: torch.Tensor, target, *, active: Optional[torch.Tensor
     return mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "width", "rep", "stride_vr"])
 def _compact_rows(Mask, Values, Counts, Packed, Prefix, N, width, rep, stride_vr,
                   HAS_VALUES: tl.constexpr, PACK: tl.constexpr, PREFIX: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
