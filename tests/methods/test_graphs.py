@@ -154,3 +154,20 @@ def test_inputs_that_require_grad(graphs_on):
     plans = [method.plan(q, k, v) for _ in range(3)]  # eager, capture + replay, replay
     assert isinstance(graphs._graphs[next(iter(graphs._graphs))], graphs._Graph)
     assert all(plans_equal(p, plans[0]) for p in plans)
+
+
+@pytest.mark.parametrize("name", sa.list_methods(kind="prefill"))
+def test_declared_reads_are_all_the_estimate_reads(name):
+    # The graph replay copies only what a method declares it reads (reads_values, query_rows_read):
+    # values elsewhere must not change its plan (the PyTorch path, here on the CPU).
+    method = sa.get_method(name)
+    if name == "sale":  # its CPU estimate at this size takes minutes; the GPU twin covers it
+        method = method.replace(block_size=64)
+    q, k, v = qkv(3, "cpu", L=300, dtype=torch.float32)
+    base = method.plan(q, k, v)
+    rows = method.query_rows_read(q.shape[2])
+    assert 1 <= rows <= q.shape[2]
+    q2 = q.clone()
+    q2[:, :, : q.shape[2] - rows] = torch.randn_like(q2[:, :, : q.shape[2] - rows])
+    v2 = v if method.reads_values else torch.randn_like(v)
+    assert plans_equal(method.plan(q2, k, v2), base), name

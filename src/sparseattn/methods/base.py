@@ -374,6 +374,8 @@ class PrefillMethod:
     #: (config, shapes, dtype, device, causal, layer) and returns that same plan afterwards
     #: (read-only: plans are never changed in place by the library).
     static: ClassVar[bool] = False
+    #: Whether the estimate reads v's values (CUDA-graph replay copies only what is read).
+    reads_values: ClassVar[bool] = True
 
     block_size: int = 128
 
@@ -423,6 +425,11 @@ class PrefillMethod:
     def _plan(self, q, k, v, *, causal: bool, layer_idx: Optional[int]) -> BlockPlan:
         raise NotImplementedError
 
+    def query_rows_read(self, q_len: int) -> int:
+        """How many of the last query rows the estimate reads (default: all ``q_len``); the
+        CUDA-graph replay copies only those into the graph's inputs."""
+        return q_len
+
     def config(self) -> dict:
         """The hyperparameters as a plain dict (for logs and reports)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -457,6 +464,8 @@ class ScoreBasedMethod(PrefillMethod):
       summed over each KV group, one plan per KV head) or ``"group_union"`` (selected per query
       head, then the union per KV head).
     """
+
+    reads_values: ClassVar[bool] = False  # scores come from q and k only
 
     sink_blocks: int = 1
     local_blocks: int = 0

@@ -63,6 +63,7 @@ class FlexPrefill(PrefillMethod):
     """
 
     name: ClassVar[str] = "flexprefill"
+    reads_values: ClassVar[bool] = False  # the estimate reads q and k only
 
     block_size: int = 128
     gamma: float = 0.9

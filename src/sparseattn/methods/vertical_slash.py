@@ -43,6 +43,7 @@ class VerticalSlash(PrefillMethod):
     """
 
     name: ClassVar[str] = "vertical_slash"
+    reads_values: ClassVar[bool] = False  # the estimate reads q and k only
 
     block_size: int = 64
     vertical_size: PerHead = 1000
@@ -61,6 +62,9 @@ class VerticalSlash(PrefillMethod):
         check_int("sink_tokens", self.sink_tokens, minimum=0)
         check_int("local_diagonals", self.local_diagonals, minimum=1)
         check_choice("gqa_policy", self.gqa_policy, ("per_q_head", "group_union"))
+
+    def query_rows_read(self, q_len: int) -> int:
+        return min(self.last_q, q_len)  # the last-queries profiles are all the estimate reads of q
 
     @staticmethod
     def _max_value(value) -> int:
