@@ -277,18 +277,22 @@ def tokens_per_program(n_tokens: int, programs: int, block_n: int, device: torch
     return max(block_n, min(per, max(cap, block_n)))
 
 
-def _check(q, k_pages, page_table, lengths, page_size, scale):
-    def shape(t):
-        return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+def _shape(t):
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
+
+def _check(q, k_pages, page_table, lengths, page_size, scale, extra=(), float64: bool = False):
+    """Validate the paged-logits inputs; ``extra``: more ``(name, tensor)`` that must be on q's
+    device; ``float64``: also accept float64 (the PyTorch twins). Returns ``(B, Hq, Lq, D, Hkv)``."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError(f"q must be a 4-D tensor [B, Hq, Lq, D], got {shape(q)}")
+        raise ValueError(f"q must be a 4-D tensor [B, Hq, Lq, D], got {_shape(q)}")
     if not isinstance(k_pages, torch.Tensor) or k_pages.dim() != 4:
-        raise ValueError(f"k_pages must be a 4-D tensor [capacity, Hkv, page_size, D], got {shape(k_pages)}")
+        raise ValueError(f"k_pages must be a 4-D tensor [capacity, Hkv, page_size, D], got {_shape(k_pages)}")
+    allowed = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if float64 else ())
     for name, t in (("q", q), ("k_pages", k_pages)):
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"{name} must be float16, bfloat16 or float32 (float64 takes the PyTorch path), "
-                             f"got {t.dtype}")
+        if t.dtype not in allowed:
+            raise ValueError(f"{name} must be one of {[str(d) for d in allowed]}"
+                             f"{'' if float64 else ' (float64 takes the PyTorch path)'}, got {t.dtype}")
     B, Hq, Lq, D = q.shape
     _, Hkv, P, Dk = k_pages.shape
     if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size <= 0 or P != page_size:
@@ -300,12 +304,12 @@ def _check(q, k_pages, page_table, lengths, page_size, scale):
     if not isinstance(page_table, torch.Tensor) or page_table.dim() != 2 or page_table.shape[0] != B \
             or page_table.dtype != torch.int32:
         raise ValueError(f"page_table must be int32 [B={B}, max_pages], got "
-                         f"{page_table.dtype if isinstance(page_table, torch.Tensor) else ''} {shape(page_table)}")
+                         f"{page_table.dtype if isinstance(page_table, torch.Tensor) else ''} {_shape(page_table)}")
     if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != B \
             or lengths.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"lengths must be int32/int64 [B={B}], got "
-                         f"{lengths.dtype if isinstance(lengths, torch.Tensor) else ''} {shape(lengths)}")
-    for name, t in (("k_pages", k_pages), ("page_table", page_table), ("lengths", lengths)):
+                         f"{lengths.dtype if isinstance(lengths, torch.Tensor) else ''} {_shape(lengths)}")
+    for name, t in (("k_pages", k_pages), ("page_table", page_table), ("lengths", lengths)) + tuple(extra):
         if t.device != q.device:
             raise ValueError(f"{name} must be on {q.device} (q's device), got {t.device}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .select_triton import _top_lanes
+
 #: Widest list (entries per row) the fused tail takes: the row must fit one program's registers.
 MAX_WIDTH = 8192
 #: Dtypes whose logits the list-logits kernel computes (the fused tail follows it).
@@ -75,30 +77,6 @@ def _group_mass(Logits, lrow, stride_lg, stride_lq, j, live, group, q_lo, q_len,
 
 
 @triton.jit
-def _best(x, cand, n_best, TILE: tl.constexpr):
-    """bool [TILE]: the ``n_best`` largest ``x`` among ``cand`` (ties -> lower lane), by bisection."""
-    x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0, as in the sort
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # integer order == float order
-    # The cut lies in [min key - 1, max key] of the candidates; the others sit below every probe.
-    lo = tl.min(tl.where(cand, key, 2147483647), 0).to(tl.int64) - 1
-    key = tl.where(cand, key, -2147483647)
-    hi = tl.max(key, 0).to(tl.int64)
-    extra = tl.minimum(tl.maximum(n_best, 0), TILE).to(tl.int32)
-    while lo < hi:
-        mid = lo + (hi - lo) // 2
-        n_above = tl.sum((key > mid.to(tl.int32)).to(tl.int32), 0)
-        exact = n_above == extra  # the cut is "everything above mid": done
-        hi = tl.where((n_above < extra) | exact, mid, hi)
-        lo = tl.where(exact, mid, tl.where(n_above < extra, lo, mid + 1))
-    t = lo.to(tl.int32)
-    above = cand & (key > t)
-    ties = cand & (key == t)
-    tie_rank = tl.cumsum(ties.to(tl.int32), 0) - 1
-    return above | (ties & (tl.sum(above.to(tl.int32), 0) + tie_rank < extra))
-
-
-@triton.jit
 def _write_row(Keep, keep_row, Tokens, tok_row, j, pos, tok, live, survive):
     """Keep bits of the live lanes; the list partitioned stably (survivors first), in place."""
     tl.store(Keep + keep_row + pos, survive.to(tl.uint8), mask=live)
@@ -134,7 +112,7 @@ def _h2o_tail(Logits, Tokens, Counts, Scores, Keep, Lengths, HH, Recent,
     first_recent = tl.load(Lengths + b).to(tl.int64) - tl.load(Recent + b)
     recent = live & (pos >= first_recent)  # the last `recent` tokens always stay
     cand = live & ~recent
-    survive = recent | (_best(new, cand, tl.load(HH + b), TILE) & cand)
+    survive = recent | (_top_lanes(new, cand, tl.load(HH + b), TILE) & cand)
 
     tl.store(Scores + score_row + pos, tl.where(survive, new, 0.0), mask=live)  # evicted: score 0
     n_alive = _write_row(Keep, b * stride_kb + h * stride_kh, Tokens, tok_row, j, pos, tok, live, survive)
@@ -179,7 +157,7 @@ def _tova_commit(Part, Count0, Tokens, Counts, Keep,
         score += tl.load(part + h * width, mask=j < width, other=0.0)
     score = score / num_heads
     live = j < tl.load(Count0 + b)
-    top = _best(score, live, cache_size, TILE) & live
+    top = _top_lanes(score, live, cache_size, TILE) & live
     for h in range(h_lo, h_hi):
         c_ptr = Counts + b * stride_cb + h * stride_ch
         live_h = j < tl.minimum(tl.load(c_ptr), width)

@@ -18,7 +18,6 @@ Entries past the row's count are written as ``-inf`` without any load (they are 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -27,6 +26,7 @@ import triton.language as tl
 
 from .decode_logits_triton import (MAX_BLOCK_M, MAX_BROADCAST_ROWS, _group_queries, _load_k, _pow2_at_least, _qk,
                                    choose_product, default_config)
+from .decode_logits_triton import _check as _check_paged
 from .dispatch import triton_interpreting
 
 
@@ -74,47 +74,18 @@ def _list_logits(
 
 # ----------------------------------------------------------------------------- checks and the PyTorch twin
 def _check(q, k_pages, page_table, tokens, counts, lengths, page_size, scale, triton_dtypes: bool):
-    def shape(t):
-        return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError(f"q must be a 4-D tensor [B, Hq, Lq, D], got {shape(q)}")
-    if not isinstance(k_pages, torch.Tensor) or k_pages.dim() != 4:
-        raise ValueError(f"k_pages must be a 4-D tensor [capacity, Hkv, page_size, D], got {shape(k_pages)}")
-    allowed = (torch.float16, torch.bfloat16, torch.float32) + (() if triton_dtypes else (torch.float64,))
-    for name, t in (("q", q), ("k_pages", k_pages)):
-        if t.dtype not in allowed:
-            raise ValueError(f"{name} must be one of {[str(d) for d in allowed]}, got {t.dtype}")
-    B, Hq, Lq, D = q.shape
-    _, Hkv, P, Dk = k_pages.shape
-    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size <= 0 or P != page_size:
-        raise ValueError(f"page_size must be a positive int equal to k_pages.shape[2] = {P}, got {page_size!r}")
-    if Dk != D:
-        raise ValueError(f"q and k_pages must share the head dim, got {D} and {Dk}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"the query heads ({Hq}) must be a multiple of the KV heads ({Hkv})")
-    if not isinstance(page_table, torch.Tensor) or page_table.dim() != 2 or page_table.shape[0] != B \
-            or page_table.dtype != torch.int32:
-        raise ValueError(f"page_table must be int32 [B={B}, max_pages], got "
-                         f"{page_table.dtype if isinstance(page_table, torch.Tensor) else ''} {shape(page_table)}")
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or tuple(tokens.shape[:2]) != (B, Hkv) \
-            or tokens.dtype != torch.int32 or (tokens.shape[-1] > 1 and tokens.stride(-1) != 1):
+    """The paged-logits checks (:func:`decode_logits_triton._check`) plus the list's."""
+    for name, t in (("tokens", tokens), ("counts", counts)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    B, Hq, Lq, D, Hkv = _check_paged(q, k_pages, page_table, lengths, page_size, scale,
+                                      extra=(("tokens", tokens), ("counts", counts)), float64=not triton_dtypes)
+    if tokens.dim() != 3 or tuple(tokens.shape[:2]) != (B, Hkv) or tokens.dtype != torch.int32 \
+            or (tokens.shape[-1] > 1 and tokens.stride(-1) != 1):
         raise ValueError(f"tokens must be int32 [B={B}, Hkv={Hkv}, width] with unit last stride, got "
-                         f"{tokens.dtype if isinstance(tokens, torch.Tensor) else ''} {shape(tokens)}")
-    if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != (B, Hkv) \
-            or counts.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"counts must be int32/int64 [B={B}, Hkv={Hkv}], got "
-                         f"{counts.dtype if isinstance(counts, torch.Tensor) else ''} {shape(counts)}")
-    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != B \
-            or lengths.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"lengths must be int32/int64 [B={B}], got "
-                         f"{lengths.dtype if isinstance(lengths, torch.Tensor) else ''} {shape(lengths)}")
-    for name, t in (("k_pages", k_pages), ("page_table", page_table), ("tokens", tokens), ("counts", counts),
-                    ("lengths", lengths)):
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on {q.device} (q's device), got {t.device}")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+                         f"{tokens.dtype} {tuple(tokens.shape)}")
+    if tuple(counts.shape) != (B, Hkv) or counts.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"counts must be int32/int64 [B={B}, Hkv={Hkv}], got {counts.dtype} {tuple(counts.shape)}")
     return B, Hq, Lq, D, Hkv
 
 

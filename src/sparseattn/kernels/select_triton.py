@@ -32,6 +32,40 @@ SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _order_key(x):
+    """int32 keys whose integer order is the float order of ``x`` (-0.0 ties with +0.0)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _top_lanes(x, cand, n_best, TILE: tl.constexpr):
+    """bool [TILE]: the ``n_best`` largest ``x`` among the ``cand`` lanes (ties -> lower lane,
+    the stable descending sort's order), by bisection for the cut value: every candidate above
+    it, then a prefix of the candidates equal to it. The early exit stops once exactly
+    ``n_best`` candidates lie above a probe."""
+    key = _order_key(x)
+    # The cut lies in [min key - 1, max key] of the candidates. Non-candidates get a key below
+    # every probe (finite floats map above -2**31 + 2**23): "key > probe" needs no mask.
+    lo = tl.min(tl.where(cand, key, 2147483647), 0).to(tl.int64) - 1
+    key = tl.where(cand, key, -2147483647)
+    hi = tl.max(key, 0).to(tl.int64)
+    extra = tl.minimum(tl.maximum(n_best, 0), TILE).to(tl.int32)
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        n_above = tl.sum((key > mid.to(tl.int32)).to(tl.int32), 0)
+        exact = n_above == extra  # the cut is "everything above mid": done
+        hi = tl.where((n_above < extra) | exact, mid, hi)
+        lo = tl.where(exact, mid, tl.where(n_above < extra, lo, mid + 1))
+    t = lo.to(tl.int32)
+    above = cand & (key > t)
+    ties = cand & (key == t)
+    tie_rank = tl.cumsum(ties.to(tl.int32), 0) - 1
+    return above | (ties & (tl.sum(above.to(tl.int32), 0) + tie_rank < extra))
+
+
+@triton.jit
 def _select_row(Scores, Counts, Indices, row, score_row, stride_sn, value, num_k_blocks, limit, d_lo, d_hi,
                 sink_blocks, local_blocks, finite_max,
                 TOPK: tl.constexpr, DIAGONAL: tl.constexpr, TILE: tl.constexpr):
@@ -45,8 +79,6 @@ def _select_row(Scores, Counts, Indices, row, score_row, stride_sn, value, num_k
     if not TOPK:
         x = tl.maximum(x, 0.0)  # threshold mode reads masses
     x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0, as in the sort
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # integer order == float order
 
     forced = offs < sink_blocks
     if DIAGONAL:
@@ -56,27 +88,17 @@ def _select_row(Scores, Counts, Indices, row, score_row, stride_sn, value, num_k
     forced = forced & visible
     cand = visible & ~forced
 
-    # Bisection bounds: the cut lies in [min key - 1, max key] of the candidates. Non-candidates
-    # get a key below every probe (finite floats map above -2**31 + 2**23), so "key > probe"
-    # needs no candidate mask inside the loop.
-    lo = tl.min(tl.where(cand, key, 2147483647), 0).to(tl.int64) - 1
-    key = tl.where(cand, key, -2147483647)
-    hi = tl.max(key, 0).to(tl.int64)
     if TOPK:
         n_forced = tl.sum(forced.to(tl.int32), 0)
-        extra = tl.minimum(tl.maximum(value - n_forced, 0), TILE).to(tl.int32)
-        while lo < hi:
-            mid = lo + (hi - lo) // 2
-            n_above = tl.sum((key > mid.to(tl.int32)).to(tl.int32), 0)
-            exact = n_above == extra  # the cut is "everything above mid": done
-            hi = tl.where((n_above < extra) | exact, mid, hi)
-            lo = tl.where(exact, mid, tl.where(n_above < extra, lo, mid + 1))
-        t = lo.to(tl.int32)
-        above = cand & (key > t)
-        ties = cand & (key == t)
-        tie_rank = tl.cumsum(ties.to(tl.int32), 0) - 1
-        keep_ties = ties & (tl.sum(above.to(tl.int32), 0) + tie_rank < extra)
+        chosen = _top_lanes(x, cand, value - n_forced, TILE)
     else:
+        key = _order_key(x)
+        # Bisection bounds: the cut lies in [min key - 1, max key] of the candidates. Non-candidates
+        # get a key below every probe (finite floats map above -2**31 + 2**23), so "key > probe"
+        # needs no candidate mask inside the loop.
+        lo = tl.min(tl.where(cand, key, 2147483647), 0).to(tl.int64) - 1
+        key = tl.where(cand, key, -2147483647)
+        hi = tl.max(key, 0).to(tl.int64)
         total = tl.sum(x, 0)  # x is 0 outside the visible blocks
         forced_mass = tl.sum(tl.where(forced, x, 0.0), 0)
         target = value * total
@@ -93,7 +115,8 @@ def _select_row(Scores, Counts, Indices, row, score_row, stride_sn, value, num_k
         base = forced_mass + tl.sum(tl.where(above, x, 0.0), 0)
         # mass before the j-th tie, in the PyTorch path's order: (kept so far + j + 1 ties) - this one
         keep_ties = ties & ((base + x * (tie_rank + 1).to(tl.float32)) - x < target)
-    keep = forced | above | keep_ties
+        chosen = above | keep_ties
+    keep = forced | chosen
 
     # Compaction: kept blocks ascending at their rank, zeros after the count (stray reads stay in bounds).
     width = num_k_blocks
