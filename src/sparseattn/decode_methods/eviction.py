@@ -42,7 +42,9 @@ the listed positions) run over the list width ``W`` (the kept bound ``budget + L
 ``B * Hkv * W * D * 2`` = 35 MB of keys (bf16) instead of the 2.1 GB of all 128K keys. The prompt
 (:meth:`on_prefill`, whose queries see every token) and dense steps still score over the mask
 (``kept_attention``, O(N)): that path is also the oracle of the list path. On CUDA the append and
-the compaction are one small Triton launch each.
+the compaction are one small Triton launch each, and an H2O / TOVA decode step is the list-logits
+launch plus one fused tail (:mod:`sparseattn.kernels.evict_listed_triton`: softmax, group
+reduction, ranking by bisection, score / keep updates and list compaction; TOVA in two launches).
 
 CUDA graphs: every state tensor a step writes is updated in place, so a captured step can be
 replayed over later steps, as long as no buffer grows (the cache allocates no page, the mask and
