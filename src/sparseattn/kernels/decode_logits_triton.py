@@ -317,6 +317,23 @@ def _check(q, k_pages, page_table, lengths, page_size, scale, extra=(), float64:
     return B, Hq, Lq, D, Hkv
 
 
+def group_tiles(q, k_pages, B: int, Hkv: int, rows: int, use_dot, config) -> tuple:
+    """The product and tiles of a logits launch over a GQA group's ``rows = G * Lq`` query rows:
+    ``(product, block_m, row_tiles, block_d, (block_n, num_warps, num_stages))``; raises for a
+    broadcast product over too many rows and for grids past the CUDA limits."""
+    D = q.shape[-1]
+    product = choose_product(q.dtype, k_pages.dtype, rows, use_dot)
+    if product == "sum" and rows > MAX_BROADCAST_ROWS:
+        raise ValueError(f"the broadcast product takes at most {MAX_BROADCAST_ROWS} rows (G * Lq), got {rows}")
+    # tl.dot needs 16 rows; the broadcast product takes the group as it is (>= 2: no size-1 dims).
+    block_m = max(2, _pow2_at_least(rows)) if product == "sum" else min(max(16, _pow2_at_least(rows)), MAX_BLOCK_M)
+    row_tiles = triton.cdiv(rows, block_m)
+    if B * Hkv > 65535 or row_tiles > 65535:
+        raise ValueError(f"B * Hkv = {B * Hkv} and the row tiles ({row_tiles}) must be <= 65535 (grid limits)")
+    cfg = config or default_config(D, product, block_m)
+    return product, block_m, row_tiles, max(16, _pow2_at_least(D)), cfg
+
+
 def _launch(q, k_pages, page_table, lengths, page_size, scale, use_dot, config, stats, stats_mask=None):
     """The logits launch; with ``stats`` also each row's per-run (max, sum-exp) ``[rows, runs, 2]``,
     over the tokens where ``stats_mask`` (bool ``[B, N]``, optional) is True, else over every token."""
@@ -335,16 +352,8 @@ def _launch(q, k_pages, page_table, lengths, page_size, scale, use_dot, config, 
     if out.numel() == 0:
         return out, None, 0, 1
     rows = G * Lq
-    product = choose_product(q.dtype, k_pages.dtype, rows, use_dot)
-    if product == "sum" and rows > MAX_BROADCAST_ROWS:
-        raise ValueError(f"the broadcast product takes at most {MAX_BROADCAST_ROWS} rows (G * Lq), got {rows}")
-    # tl.dot needs 16 rows; the broadcast product takes the group as it is (>= 2: no size-1 dims).
-    block_m = max(2, _pow2_at_least(rows)) if product == "sum" else min(max(16, _pow2_at_least(rows)), MAX_BLOCK_M)
-    row_tiles = triton.cdiv(rows, block_m)
-    block_d = max(16, _pow2_at_least(D))
-    block_n, num_warps, num_stages = config or default_config(D, product, block_m)
-    if B * Hkv > 65535 or row_tiles > 65535:
-        raise ValueError(f"B * Hkv = {B * Hkv} and the row tiles ({row_tiles}) must be <= 65535 (grid limits)")
+    product, block_m, row_tiles, block_d, (block_n, num_warps, num_stages) = group_tiles(
+        q, k_pages, B, Hkv, rows, use_dot, config)
     per = tokens_per_program(N, B * Hkv * row_tiles, block_n, q.device)
     runs = triton.cdiv(N, per)
     stats_buf = torch.empty((B * Hkv * rows, runs, 2), dtype=torch.float32, device=q.device) if stats else out

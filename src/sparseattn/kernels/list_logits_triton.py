@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_logits_triton import (MAX_BLOCK_M, MAX_BROADCAST_ROWS, _group_queries, _load_k, _pow2_at_least, _qk,
-                                   choose_product, default_config)
+from .decode_logits_triton import _group_queries, _load_k, _qk, group_tiles
 from .decode_logits_triton import _check as _check_paged
 from .dispatch import triton_interpreting
 
@@ -147,18 +146,10 @@ def list_logits_triton(q: torch.Tensor, k_pages: torch.Tensor, page_table: torch
     if out.numel() == 0:
         return out
     rows = G * Lq
-    product = choose_product(q.dtype, k_pages.dtype, rows, use_dot)
-    if product == "sum" and rows > MAX_BROADCAST_ROWS:
-        raise ValueError(f"the broadcast product takes at most {MAX_BROADCAST_ROWS} rows (G * Lq), got {rows}")
-    # tl.dot needs 16 rows; the broadcast product takes the group as it is (>= 2: no size-1 dims).
-    block_m = max(2, _pow2_at_least(rows)) if product == "sum" else min(max(16, _pow2_at_least(rows)), MAX_BLOCK_M)
-    row_tiles = triton.cdiv(rows, block_m)
-    block_d = max(16, _pow2_at_least(D))
-    block_n, num_warps, num_stages = config or default_config(D, product, block_m)
+    product, block_m, row_tiles, block_d, (block_n, num_warps, num_stages) = group_tiles(
+        q, k_pages, B, Hkv, rows, use_dot, config)
     if triton_interpreting() and config is None:
         block_n = 16  # small tiles: a short list still spans several programs
-    if B * Hkv > 65535 or row_tiles > 65535:
-        raise ValueError(f"B * Hkv = {B * Hkv} and the row tiles ({row_tiles}) must be <= 65535 (grid limits)")
     _list_logits[(triton.cdiv(W, block_n), B * Hkv, row_tiles)](
         q, k_pages, page_table, tokens, counts, lengths, out,
         float(scale),
