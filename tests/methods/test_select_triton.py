@@ -241,6 +241,67 @@ def test_plan_uses_the_kernel(monkeypatch, policy, mode):
                                  differ)
 
 
+# ----------------------------------------------------------------------------- the radix select itself
+if triton_importable():
+    import triton
+    import triton.language as tl
+
+    from sparseattn.kernels.select_triton import _top_lanes
+
+    @triton.jit
+    def _top_lanes_rows(X, Cand, Want, Out, TILE: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, TILE)
+        x = tl.load(X + row * TILE + offs)
+        cand = tl.load(Cand + row * TILE + offs) != 0
+        tl.store(Out + row * TILE + offs, _top_lanes(x, cand, tl.load(Want + row), TILE).to(tl.int8))
+
+
+@pytest.mark.parametrize("tile", [16, 256, 2048])
+def test_top_lanes_is_the_stable_sorts_prefix(tile):
+    """``_top_lanes`` keeps the first ``n_best`` candidates of a stable descending sort, for
+    n_best below 0, 0, 1, in between, equal to and above the candidate count; rows with many
+    ties (a few distinct values, signed zeros, +-inf, values sharing their top bytes) and rows
+    without candidates."""
+    g = torch.Generator().manual_seed(tile)
+    rows = []
+    for kind in range(6):
+        if kind == 0:
+            x = torch.randn(tile, generator=g)
+        elif kind == 1:  # few distinct values: ties at the cut in every row
+            x = torch.randint(-3, 4, (tile,), generator=g).float()
+        elif kind == 2:  # signed zeros and infinities
+            x = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1.0, -1.0])[
+                torch.randint(0, 6, (tile,), generator=g)]
+        elif kind == 3:  # distinct floats that share their top three bytes: the last pass decides
+            x = (1.0 + torch.randint(0, 256, (tile,), generator=g).float() * 2.0 ** -23)
+        elif kind == 4:  # negative only
+            x = -torch.rand(tile, generator=g) - 0.5
+        else:
+            x = torch.randn(tile, generator=g) * 1e30
+        rows.append(x)
+    x = torch.stack(rows)
+    cand = torch.rand(x.shape, generator=g) < 0.7
+    cand[-1] = False  # a row without candidates
+    n_cand = cand.sum(-1)
+    cases = []
+    for want_of in (lambda n: -3, lambda n: 0, lambda n: 1, lambda n: n // 3, lambda n: n - 1, lambda n: n,
+                    lambda n: n + 5):
+        want = torch.tensor([want_of(int(n)) for n in n_cand])
+        cases.append(want)
+    for want in cases:
+        out = torch.empty(x.shape, dtype=torch.int8, device=DEVICE)
+        _top_lanes_rows[(x.shape[0],)](x.to(DEVICE), cand.to(DEVICE, torch.int8), want.to(DEVICE, torch.int32), out,
+                              TILE=tile)
+        for r in range(x.shape[0]):
+            lanes = cand[r].nonzero().flatten()
+            values = x[r, lanes].masked_fill(x[r, lanes] == 0, 0.0)  # -0.0 ties with 0.0
+            order = lanes[torch.sort(values, descending=True, stable=True).indices]
+            keep = torch.zeros(tile, dtype=torch.bool)
+            keep[order[:max(0, min(int(want[r]), int(n_cand[r])))]] = True
+            assert torch.equal(out[r].cpu().bool(), keep), (tile, r, int(want[r]))
+
+
 # ----------------------------------------------------------------------------- GPU twin
 @requires_cuda
 @pytest.mark.parametrize("mode", ["topk", "threshold"])

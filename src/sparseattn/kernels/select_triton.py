@@ -5,18 +5,19 @@
 
 One program owns one (batch, head, query-block) row and keeps it in registers. The visible and
 forced blocks come from the row's geometry (scalars), not from ``[nQ, nK]`` masks. Instead of
-sorting, the program bisects over the order-preserving integer image of the float scores for the
-cut value ``t``: every candidate above ``t`` is kept, and among the candidates equal to ``t`` a
+sorting, the program finds the cut value ``t`` over the order-preserving integer image of the
+float scores: every candidate above ``t`` is kept, and among the candidates equal to ``t`` a
 prefix in index order (a cumsum), which is exactly the stable descending sort's order.
 
-* top-k: ``t`` is the ``extra``-th largest candidate (``extra`` = k minus the forced blocks);
-  the bisection stops early once exactly ``extra`` candidates lie above the probe.
+* top-k: ``t`` is the ``extra``-th largest candidate (``extra`` = k minus the forced blocks),
+  found by a radix select (``_top_lanes``): four 256-bin histogram passes over the key's bytes.
 * threshold: ``t`` is the smallest value whose strictly-larger candidates, with the forced
   mass, still hold less than ``tau * total``: in sorted order that is the last entry whose
-  mass *before* it is below the target, i.e. the end of the kept prefix.
+  mass *before* it is below the target, i.e. the end of the kept prefix. Found by bisection
+  (each step one masked row sum; about 32 steps bound the work), since a histogram counts
+  lanes and this cut weighs them by their mass.
 
-Each bisection step is one masked row reduction; about 32 steps bound the work. Causal rows
-that see at most a half / quarter of the key blocks run the same code on a smaller tile.
+Causal rows that see at most a half / quarter of the key blocks run the same code on a smaller tile.
 """
 
 from __future__ import annotations
@@ -42,27 +43,29 @@ def _order_key(x):
 @triton.jit
 def _top_lanes(x, cand, n_best, TILE: tl.constexpr):
     """bool [TILE]: the ``n_best`` largest ``x`` among the ``cand`` lanes (ties -> lower lane,
-    the stable descending sort's order), by bisection for the cut value: every candidate above
-    it, then a prefix of the candidates equal to it. The early exit stops once exactly
-    ``n_best`` candidates lie above a probe."""
-    key = _order_key(x)
-    # The cut lies in [min key - 1, max key] of the candidates. Non-candidates get a key below
-    # every probe (finite floats map above -2**31 + 2**23): "key > probe" needs no mask.
-    lo = tl.min(tl.where(cand, key, 2147483647), 0).to(tl.int64) - 1
-    key = tl.where(cand, key, -2147483647)
-    hi = tl.max(key, 0).to(tl.int64)
-    extra = tl.minimum(tl.maximum(n_best, 0), TILE).to(tl.int32)
-    while lo < hi:
-        mid = lo + (hi - lo) // 2
-        n_above = tl.sum((key > mid.to(tl.int32)).to(tl.int32), 0)
-        exact = n_above == extra  # the cut is "everything above mid": done
-        hi = tl.where((n_above < extra) | exact, mid, hi)
-        lo = tl.where(exact, mid, tl.where(n_above < extra, lo, mid + 1))
-    t = lo.to(tl.int32)
-    above = cand & (key > t)
-    ties = cand & (key == t)
-    tie_rank = tl.cumsum(ties.to(tl.int32), 0) - 1
-    return above | (ties & (tl.sum(above.to(tl.int32), 0) + tie_rank < extra))
+    the stable descending sort's order), by a radix select over the 32 order-key bits, 8 at a
+    time: each pass histograms the next digit of the lanes that still match the cut's prefix and
+    picks the digit where the count from the top reaches the lanes still wanted. Four passes find
+    the cut value exactly; every candidate above it is kept, then a prefix of those equal to it."""
+    # Unsigned image of the order key: the digits of larger floats compare larger.
+    ukey = (_order_key(x) ^ -2147483648).to(tl.uint32, bitcast=True)
+    n_cand = tl.sum(cand.to(tl.int32), 0)
+    need = tl.minimum(tl.maximum(n_best, 0), n_cand).to(tl.int32)  # in [1, matching lanes] while > 0
+    bins = tl.arange(0, 256)
+    # [TILE] copies of the scalars: the interpreter turns "bool tensor & bool scalar" into int32.
+    need_lanes = tl.full([TILE], 0, tl.int32) + need
+    above = cand & (need_lanes >= n_cand)  # every candidate wanted: the passes add nothing
+    match = cand & (need_lanes > 0) & ~above
+    for p in tl.static_range(4):
+        digit = ((ukey >> (24 - 8 * p)) & 255).to(tl.int32)
+        hist = tl.histogram(digit, 256, mask=match)
+        from_top = tl.cumsum(hist, 0, reverse=True)  # matching lanes with a digit >= bin
+        cut = tl.sum((from_top >= need).to(tl.int32), 0) - 1  # the largest such digit
+        need -= tl.sum(tl.where(bins > cut, hist, 0), 0)
+        above = above | (match & (digit > cut))
+        match = match & (digit == cut)
+    tie_rank = tl.cumsum(match.to(tl.int32), 0) - 1
+    return above | (match & (tie_rank < need))
 
 
 @triton.jit
