@@ -1,5 +1,5 @@
 """Time the page selection of Quest / block top-k (scores -> ascending page lists) on the GPU:
-the radix-select kernel at several warp counts against ``torch.topk`` + assembly, on random scores.
+the bisection kernel at several warp counts against ``torch.topk`` + assembly, on random scores.
 
     python scripts/sweep_select_pages.py [--pages 2048,8192] [--rows 8,64] [--budget 128]
 """
@@ -26,7 +26,7 @@ for pages in (int(x) for x in args.pages.split(",")):
         scores = torch.randn(B, H, pages, device="cuda")
         scores[..., -1] = float("-inf")  # the step's own page: forced, not a candidate
         kw = dict(page_size=16, budget=args.budget, recent=1, width=args.budget + 2, forced_in_budget=True)
-        variants = [("topk", dict(method="topk"))] + [(f"radix w{w}", dict(method="radix", num_warps=int(w)))
+        variants = [("topk", dict(method="topk"))] + [(f"bisect w{w}", dict(method="bisect", num_warps=int(w)))
                                                       for w in args.warps.split(",")]
         ref = top_pages_selection(scores, lengths, method="topk", **kw)
         line = []

@@ -30,6 +30,10 @@ def test_rows_for_every_method_budget_and_batch(tmp_path):
     assert not any("error" in r for r in rows)
     for r in rows:
         assert r["layer_ms"] > 0 and r["floor_ms"] > 0 and r["sdpa_ms"] > 0
+        # target = 1.5 x the bytes' time + the latency (10 us), floor = 1 x the bytes' time + the latency
+        bytes_ms = r["floor_ms"] - 0.010
+        assert r["target_ms"] == pytest.approx(1.5 * bytes_ms + 0.010)
+        assert r["meets_target"] == (r["layer_ms"] <= r["target_ms"])
         if r["method"] == "ours_dense":
             assert r["read_tokens"] == 200
         elif r["method"] == "streaming":

@@ -119,7 +119,7 @@ def test_mean_scores_match_pytorch(Hq, Hkv, Lq, P, sink, local):
 @pytest.mark.parametrize("budget,recent,sink_pages,forced_in_budget",
                          [(5, 1, 0, True), (5, 3, 0, True), (200, 3, 0, True), (4, 9, 2, False), (0, 1, 1, False),
                           (300, 2, 3, False)])
-@pytest.mark.parametrize("method", ["radix", "topk"])
+@pytest.mark.parametrize("method", ["bisect", "topk"])
 def test_top_pages_selection_matches_rank_mask(budget, recent, sink_pages, forced_in_budget, method):
     # Tie-free scores: a random permutation per row (distinct values), ragged lengths.
     B, H, P = 4, 3, 4
@@ -141,7 +141,7 @@ def test_top_pages_selection_matches_rank_mask(budget, recent, sink_pages, force
 
 
 @pytest.mark.parametrize("forced_in_budget", [True, False])
-def test_radix_select_breaks_ties_like_the_stable_sort(forced_in_budget):
+def test_bisection_breaks_ties_like_the_stable_sort(forced_in_budget):
     # Few distinct values (many ties at the cut), strided scores, a row longer than one warp's
     # share, a width narrower than max_pages: exactly the PyTorch path's pages.
     B, H, P = 3, 2, 16
@@ -155,13 +155,13 @@ def test_radix_select_breaks_ties_like_the_stable_sort(forced_in_budget):
     idx = torch.arange(max_pages, device=DEVICE).view(1, 1, -1)
     scores = scores.masked_fill((idx < r.clamp(max=1)) | (idx >= r), float("-inf"))
     kw = dict(page_size=P, budget=37, recent=2, width=41, sink_pages=1, forced_in_budget=forced_in_budget)
-    got = top_pages_selection(scores, lengths, method="radix", **kw)
+    got = top_pages_selection(scores, lengths, method="bisect", **kw)
     got.validate(lengths)
     assert_same_selection(got, reference_selection(scores, lengths, **kw))
 
 
 def test_all_ties_give_the_pytorch_pages(monkeypatch):
-    # All scores equal (q = 0): the radix select keeps the lowest pages among equal scores, as the
+    # All scores equal (q = 0): the bisection keeps the lowest pages among equal scores, as the
     # stable sort of the PyTorch path does (torch.topk, the long-row fallback, would not).
     lengths = [37, 203, 150]
     cache = make_cache(3, 2, 32, lengths, dtype=F32, layers=3)

@@ -249,17 +249,17 @@ if triton_importable():
     from sparseattn.kernels.select_triton import _top_lanes
 
     @triton.jit
-    def _top_lanes_rows(X, Cand, Want, Out, TILE: tl.constexpr):
+    def _top_lanes_rows(X, Cand, Want, Out, TILE: tl.constexpr, PROBE_LANES: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, TILE)
         x = tl.load(X + row * TILE + offs)
         cand = tl.load(Cand + row * TILE + offs) != 0
-        tl.store(Out + row * TILE + offs, _top_lanes(x, cand, tl.load(Want + row), TILE).to(tl.int8))
+        tl.store(Out + row * TILE + offs, _top_lanes(x, cand, tl.load(Want + row), TILE, PROBE_LANES).to(tl.int8))
 
 
-@pytest.mark.parametrize("tile", [16, 256, 2048])
-def test_top_lanes_is_the_stable_sorts_prefix(tile):
-    """``_top_lanes`` keeps the first ``n_best`` candidates of a stable descending sort, for
+@pytest.mark.parametrize("tile,probe_lanes", [(16, 8), (256, 2), (256, 8), (2048, 4), (2048, 16)])
+def test_top_lanes_is_the_stable_sorts_prefix(tile, probe_lanes):
+    """``_top_lanes`` (bisection and k-ary) keeps the first ``n_best`` candidates of a stable descending sort, for
     n_best below 0, 0, 1, in between, equal to and above the candidate count; rows with many
     ties (a few distinct values, signed zeros, +-inf, values sharing their top bytes) and rows
     without candidates."""
@@ -292,7 +292,7 @@ def test_top_lanes_is_the_stable_sorts_prefix(tile):
     for want in cases:
         out = torch.empty(x.shape, dtype=torch.int8, device=DEVICE)
         _top_lanes_rows[(x.shape[0],)](x.to(DEVICE), cand.to(DEVICE, torch.int8), want.to(DEVICE, torch.int32), out,
-                              TILE=tile)
+                              TILE=tile, PROBE_LANES=probe_lanes)
         for r in range(x.shape[0]):
             lanes = cand[r].nonzero().flatten()
             values = x[r, lanes].masked_fill(x[r, lanes] == 0, 0.0)  # -0.0 ties with 0.0

@@ -16,7 +16,9 @@ decode step (``q [B, Hq, 1, D]``) is timed:
 
 Floors: ``floor_ms`` = the bytes the layer step must read (selected K/V + the method's page
 metadata or scoring keys, :func:`metadata_bytes`) at ``--bandwidth`` (3.0 TB/s, the H100's copy
-rate in ``GPU.md``) plus ``--latency-us``. ``kernel_tbs`` = selected K/V bytes / ``kernel_ms``.
+rate in ``GPU.md``) plus ``--latency-us``; ``target_ms`` = 1.5 x the bytes' time + ``--latency-us``
+(issue 4: "within 1.5x its byte floor + 10 us"), ``meets_target`` = ``layer_ms <= target_ms``.
+``kernel_tbs`` = selected K/V bytes / ``kernel_ms``.
 
 CUDA graphs (``--graphs``, default on): each timed closure is captured once and replayed, which
 removes the Python/launch overhead of the many small ops of a selection; methods whose step
@@ -260,10 +262,19 @@ def run_method(name: str, budget: Optional[int], cache: PagedKVCache, q: torch.T
     item = torch.finfo(cache.dtype).bits // 8
     kv_bytes = 2 * B * H * row["read_tokens"] * D * item
     meta = metadata_bytes(method, cache, "steady", row["read_tokens"])
-    row["floor_ms"] = (kv_bytes + meta) / (args.bandwidth * 1e9) + args.latency_us / 1000.0
+    row.update(floors(kv_bytes + meta, row["layer_ms"], args))
     row["kernel_tbs"] = kv_bytes / (row["kernel_ms"] * 1e9)
-    row["vs_floor"] = row["layer_ms"] / row["floor_ms"]
     return row
+
+
+def floors(read_bytes: float, layer_ms: float, args) -> dict:
+    """``floor_ms`` (the bytes at ``--bandwidth`` plus ``--latency-us``), ``vs_floor``, and issue 4's
+    target: ``target_ms`` = 1.5 x the bytes' time + the latency, ``meets_target``."""
+    bytes_ms = read_bytes / (args.bandwidth * 1e9)
+    latency_ms = args.latency_us / 1000.0
+    floor_ms, target_ms = bytes_ms + latency_ms, 1.5 * bytes_ms + latency_ms
+    return dict(floor_ms=floor_ms, vs_floor=layer_ms / floor_ms, target_ms=target_ms,
+                meets_target=bool(layer_ms <= target_ms))
 
 
 def run_case(shape: str, L: int, B: int, budgets: List[int], methods: List[str], timer: BenchTimer, args, device,
@@ -284,9 +295,7 @@ def run_case(shape: str, L: int, B: int, budgets: List[int], methods: List[str],
     all_bytes = 2 * B * Hkv * L * D * item
     dense_row = dict(base, method="ours_dense", budget=None, layer_ms=dense_ms, mode=dense_mode, sdpa_ms=sdpa_ms,
                      sdpa_backend=sdpa_name, read_tokens=float(L), kernel_ms=dense_ms,
-                     kernel_tbs=all_bytes / (dense_ms * 1e9),
-                     floor_ms=all_bytes / (args.bandwidth * 1e9) + args.latency_us / 1000.0)
-    dense_row["vs_floor"] = dense_ms / dense_row["floor_ms"]
+                     kernel_tbs=all_bytes / (dense_ms * 1e9), **floors(all_bytes, dense_ms, args))
     dense_row["speedup_vs_sdpa"] = sdpa_ms / dense_ms
     emit(dense_row)
     for name in methods:
@@ -305,7 +314,8 @@ def run_case(shape: str, L: int, B: int, budgets: List[int], methods: List[str],
 
 # ----------------------------------------------------------------------------- output
 COLUMNS = ("shape", "L", "B", "method", "budget", "read_tokens", "select_ms", "kernel_ms", "layer_ms",
-           "sel_layer_ms", "floor_ms", "vs_floor", "kernel_tbs", "sdpa_ms", "speedup_vs_sdpa", "mode")
+           "sel_layer_ms", "floor_ms", "vs_floor", "target_ms", "meets_target", "kernel_tbs", "sdpa_ms",
+           "speedup_vs_sdpa", "mode")
 
 
 def _cell(value) -> str:

@@ -44,7 +44,7 @@ the listed positions) run over the list width ``W`` (the kept bound ``budget + L
 (``kept_attention``, O(N)): that path is also the oracle of the list path. On CUDA the append and
 the compaction are one small Triton launch each, and an H2O / TOVA decode step is the list-logits
 launch plus one fused tail (:mod:`sparseattn.kernels.evict_listed_triton`: softmax, group
-reduction, ranking by a radix select, score / keep updates and list compaction; TOVA in two launches).
+reduction, ranking by bisection, score / keep updates and list compaction; TOVA in two launches).
 
 CUDA graphs: every state tensor a step writes is updated in place, so a captured step can be
 replayed over later steps, as long as no buffer grows (the cache allocates no page, the mask and

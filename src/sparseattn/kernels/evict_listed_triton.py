@@ -14,8 +14,8 @@ whole sequence's heads, one after the other):
 * the probabilities: per query row a softmax over the live lanes (a row that sees nothing adds 0),
   summed over the rows, reduced over the GQA group (``BLOCK_G`` heads per pass, as a
   ``[BLOCK_G, TILE]`` tile);
-* the ranking: no sort. ``select_triton._top_lanes`` (a radix select over the order-preserving
-  int image of the fp32 scores) finds the cut; candidates above it are kept, and among those equal
+* the ranking: no sort. As ``select_triton._select_row``, a bisection over the order-preserving
+  int image of the fp32 scores finds the cut; candidates above it are kept, and among those equal
   to it a prefix in lane order (a cumsum): exactly ``rank_mask``'s stable order (ties -> lower lane,
   which is the lower position: the list ascends);
 * the writes: the new scores (H2O) and the keep bits at the live lanes' positions, and the list

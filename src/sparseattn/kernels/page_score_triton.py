@@ -2,7 +2,7 @@
 
 Tiers: ``_quest_scores`` / ``_mean_scores`` (score every candidate page of one (batch, KV head)
 in chunks of ``BLOCK_P`` pages, reading the page metadata through the page table: no gathered
-copy), ``_select_pages`` (one program per row: a radix select of the cut score, forced pages, ascending
+copy), ``_select_pages`` (one program per row: bisection for the cut score, forced pages, ascending
 ``DecodeSelection`` rows; the fallback for rows too long for registers is ``torch.topk`` +
 ``_assemble``) -> ``quest_page_scores_triton``, ``mean_page_scores_triton``, ``top_pages_selection`` ->
 ``quest_select_triton`` / ``block_topk_select_triton`` (what ``Quest._select`` and
@@ -16,7 +16,7 @@ first_recent)``. Scores are ``-inf`` outside the candidate range. One step is tw
 (scores, selection) and never reads a device value back on the host.
 
 Ties: the PyTorch path (``rank_mask``: stable sort) keeps the lower page index among equal
-scores, and so does the radix select. ``torch.topk`` (the fallback) gives no such guarantee, so on
+scores, and so does the bisection. ``torch.topk`` (the fallback) gives no such guarantee, so on
 exact ties at the budget's edge it may pick a different (equally scored) page; the selection is
 still valid and of the same size.
 """
@@ -199,7 +199,7 @@ def _select_pages(Scores, Lengths, Counts, Pages, H, max_pages, width, page_size
 
     The row's geometry maps onto the prefill block selector (``select_triton._select_row``): the
     sink pages are its sink blocks, the tail ``[first_recent, n_pages)`` its "diagonal" run, the
-    visible limit ``n_pages``; the cut is found by a radix select over the score bits (no sort), ties go
+    visible limit ``n_pages``; the cut is found by bisection over the score bits (no sort), ties go
     to the lower page, as in the PyTorch path's stable sort.
     """
     row = tl.program_id(0).to(tl.int64)
@@ -372,12 +372,12 @@ def top_pages_selection(scores: torch.Tensor, lengths: torch.Tensor, *, page_siz
         (ascending, zeros after the count), as ``DecodeSelection.from_page_mask`` lays it out.
         No host sync.
 
-    ``method``: ``"radix"`` (default while a row fits one program, ``max_pages <=``
+    ``method``: ``"bisect"`` (default while a row fits one program, ``max_pages <=``
     ``select_triton.MAX_KEY_BLOCKS``): one launch, one program per row holds the row in registers,
-    radix-selects the cut score (``select_triton._top_lanes``) and writes the pages; ties go to the
-    lower page (the PyTorch path's order). ``"topk"``: ``torch.topk`` picks the candidates (a radix select of ``k`` ids; ``k`` a
+    bisects for the cut score and writes the pages; ties go to the lower page (the PyTorch path's
+    order). ``"topk"``: ``torch.topk`` picks the candidates (a radix select of ``k`` ids; ``k`` a
     host int from ``budget`` and the shapes), then one Triton launch sorts them and appends the
-    forced pages; ties at the budget's edge are unspecified. ``num_warps``: the selection
+    forced pages; ties at the budget's edge are unspecified. ``num_warps``: the bisection
     program's (default: 4 warps up to 4096 pages, then about 32 pages per thread up to 16 warps: the
     fastest of 2/4/8/16 in ``scripts/sweep_select_pages.py`` on the H100). On the H100 at 128K tokens (8192
     pages, 8 rows) torch.topk alone took 46 us of a 79 us Quest step (its single-block kernel).
@@ -395,11 +395,11 @@ def top_pages_selection(scores: torch.Tensor, lengths: torch.Tensor, *, page_siz
                              ("sink_pages", sink_pages, 0), ("page_size", page_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if method not in ("auto", "radix", "topk"):
-        raise ValueError(f"method must be 'auto', 'radix' or 'topk', got {method!r}")
-    if method == "radix" and max_pages > MAX_KEY_BLOCKS:
-        raise ValueError(f"method='radix' holds a row in registers: at most {MAX_KEY_BLOCKS} pages, got {max_pages}")
-    in_registers = method == "radix" or (method == "auto" and max_pages <= MAX_KEY_BLOCKS)
+    if method not in ("auto", "bisect", "topk"):
+        raise ValueError(f"method must be 'auto', 'bisect' or 'topk', got {method!r}")
+    if method == "bisect" and max_pages > MAX_KEY_BLOCKS:
+        raise ValueError(f"method='bisect' holds a row in registers: at most {MAX_KEY_BLOCKS} pages, got {max_pages}")
+    bisect = method == "bisect" or (method == "auto" and max_pages <= MAX_KEY_BLOCKS)
     # How many ids topk returns. When every row chooses the same number of pages (forced pages on
     # top of the budget, or Quest at Lq = 1, where exactly one page is forced) that number is
     # enough and their order does not matter; otherwise rows take a prefix of a sorted list.
@@ -416,7 +416,7 @@ def top_pages_selection(scores: torch.Tensor, lengths: torch.Tensor, *, page_siz
         return DecodeSelection(counts, pages, page_size)
     if max_pages == 0:  # no page anywhere: every count is 0
         return DecodeSelection(counts.zero_(), pages.zero_(), page_size)
-    if in_registers:
+    if bisect:
         tile = max(16, triton.next_power_of_2(max_pages))
         sc = scores if scores.dtype in SCORE_DTYPES else scores.float()
         _select_pages[(B * H,)](sc, lengths, counts, pages, H, max_pages, width, page_size, budget, sink_pages,

@@ -5,19 +5,20 @@
 
 One program owns one (batch, head, query-block) row and keeps it in registers. The visible and
 forced blocks come from the row's geometry (scalars), not from ``[nQ, nK]`` masks. Instead of
-sorting, the program finds the cut value ``t`` over the order-preserving integer image of the
-float scores: every candidate above ``t`` is kept, and among the candidates equal to ``t`` a
+sorting, the program bisects over the order-preserving integer image of the float scores for the
+cut value ``t``: every candidate above ``t`` is kept, and among the candidates equal to ``t`` a
 prefix in index order (a cumsum), which is exactly the stable descending sort's order.
 
 * top-k: ``t`` is the ``extra``-th largest candidate (``extra`` = k minus the forced blocks),
-  found by a radix select (``_top_lanes``): four 256-bin histogram passes over the key's bytes.
+  found by a k-ary search (``_top_lanes``: several probes per pass, one 2-D reduction each) that
+  stops early once exactly ``extra`` candidates lie above a probe.
 * threshold: ``t`` is the smallest value whose strictly-larger candidates, with the forced
   mass, still hold less than ``tau * total``: in sorted order that is the last entry whose
-  mass *before* it is below the target, i.e. the end of the kept prefix. Found by bisection
-  (each step one masked row sum; about 32 steps bound the work), since a histogram counts
-  lanes and this cut weighs them by their mass.
+  mass *before* it is below the target, i.e. the end of the kept prefix.
 
-Causal rows that see at most a half / quarter of the key blocks run the same code on a smaller tile.
+Each search step is one masked row reduction (threshold: a bisection, about 32 steps; top-k:
+about 11 passes of eight probes). Causal rows that see at most a half / quarter of the key blocks
+run the same code on a smaller tile.
 """
 
 from __future__ import annotations
@@ -41,31 +42,42 @@ def _order_key(x):
 
 
 @triton.jit
-def _top_lanes(x, cand, n_best, TILE: tl.constexpr):
+def _top_lanes(x, cand, n_best, TILE: tl.constexpr, PROBE_LANES: tl.constexpr = 8):
     """bool [TILE]: the ``n_best`` largest ``x`` among the ``cand`` lanes (ties -> lower lane,
-    the stable descending sort's order), by a radix select over the 32 order-key bits, 8 at a
-    time: each pass histograms the next digit of the lanes that still match the cut's prefix and
-    picks the digit where the count from the top reaches the lanes still wanted. Four passes find
-    the cut value exactly; every candidate above it is kept, then a prefix of those equal to it."""
-    # Unsigned image of the order key: the digits of larger floats compare larger.
-    ukey = (_order_key(x) ^ -2147483648).to(tl.uint32, bitcast=True)
+    the stable descending sort's order): every candidate above the cut value, then a prefix of
+    the candidates equal to it. The cut ``t`` (the smallest key with at most ``n_best``
+    candidates above it) is searched ``PROBE_LANES``-ary: each pass counts the candidates above
+    ``PROBE_LANES`` evenly spaced probes in one 2-D reduction (fewer passes than a bisection, each
+    a block-wide reduction whose latency dominates) and keeps the bracket where the count falls
+    to ``n_best``; a probe with exactly ``n_best`` above it ends the search. ``PROBE_LANES=2``
+    is the plain bisection."""
+    key = _order_key(x)
+    # The cut lies in [min key - 1, max key] of the candidates. Non-candidates get a key below
+    # every probe (finite floats map above -2**31 + 2**23): "key > probe" needs no mask.
+    lo = tl.min(tl.where(cand, key, 2147483647), 0).to(tl.int64) - 1
+    key = tl.where(cand, key, -2147483647)
+    hi = tl.max(key, 0).to(tl.int64)
+    extra = tl.minimum(tl.maximum(n_best, 0), TILE).to(tl.int32)
     n_cand = tl.sum(cand.to(tl.int32), 0)
-    need = tl.minimum(tl.maximum(n_best, 0), n_cand).to(tl.int32)  # in [1, matching lanes] while > 0
-    bins = tl.arange(0, 256)
-    # [TILE] copies of the scalars: the interpreter turns "bool tensor & bool scalar" into int32.
-    need_lanes = tl.full([TILE], 0, tl.int32) + need
-    above = cand & (need_lanes >= n_cand)  # every candidate wanted: the passes add nothing
-    match = cand & (need_lanes > 0) & ~above
-    for p in tl.static_range(4):
-        digit = ((ukey >> (24 - 8 * p)) & 255).to(tl.int32)
-        hist = tl.histogram(digit, 256, mask=match)
-        from_top = tl.cumsum(hist, 0, reverse=True)  # matching lanes with a digit >= bin
-        cut = tl.sum((from_top >= need).to(tl.int32), 0) - 1  # the largest such digit
-        need -= tl.sum(tl.where(bins > cut, hist, 0), 0)
-        above = above | (match & (digit > cut))
-        match = match & (digit == cut)
-    tie_rank = tl.cumsum(match.to(tl.int32), 0) - 1
-    return above | (match & (tie_rank < need))
+    hi = tl.where(n_cand <= extra, lo, hi)  # every candidate wanted: the cut is below them all
+    # Invariant: more than ``extra`` candidates lie above ``lo``, at most ``extra`` above ``hi``.
+    step = tl.arange(0, PROBE_LANES).to(tl.int64)
+    while hi - lo > 1:
+        probes = lo + ((hi - lo) * step) // PROBE_LANES  # probes[0] = lo
+        n_above = tl.sum((key[:, None] > probes.to(tl.int32)[None, :]).to(tl.int32), 0)
+        j = tl.sum((n_above > extra).to(tl.int32), 0) - 1  # the last probe still above the cut
+        new_lo = tl.sum(tl.where(step == j, probes, 0), 0)
+        new_hi = tl.where(j + 1 < PROBE_LANES, tl.sum(tl.where(step == j + 1, probes, 0), 0), hi)
+        exact = n_above == extra  # the cut is "everything above that probe": done
+        found = tl.max(exact.to(tl.int32), 0) > 0
+        at = tl.max(tl.where(exact, probes, lo), 0)
+        hi = tl.where(found, at, new_hi)
+        lo = tl.where(found, at - 1, new_lo)
+    t = hi.to(tl.int32)
+    above = cand & (key > t)
+    ties = cand & (key == t)
+    tie_rank = tl.cumsum(ties.to(tl.int32), 0) - 1
+    return above | (ties & (tl.sum(above.to(tl.int32), 0) + tie_rank < extra))
 
 
 @triton.jit
