@@ -17,7 +17,7 @@ prefix in index order (a cumsum), which is exactly the stable descending sort's 
   mass *before* it is below the target, i.e. the end of the kept prefix.
 
 Each search step is one masked row reduction (threshold: a bisection, about 32 steps; top-k:
-about 11 passes of eight probes). Causal rows that see at most a half / quarter of the key blocks
+about 16 passes of three probes). Causal rows that see at most a half / quarter of the key blocks
 run the same code on a smaller tile.
 """
 
@@ -42,7 +42,7 @@ def _order_key(x):
 
 
 @triton.jit
-def _top_lanes(x, cand, n_best, TILE: tl.constexpr, PROBE_LANES: tl.constexpr = 8):
+def _top_lanes(x, cand, n_best, TILE: tl.constexpr, PROBE_LANES: tl.constexpr = 4):
     """bool [TILE]: the ``n_best`` largest ``x`` among the ``cand`` lanes (ties -> lower lane,
     the stable descending sort's order): every candidate above the cut value, then a prefix of
     the candidates equal to it. The cut ``t`` (the smallest key with at most ``n_best``
@@ -50,7 +50,8 @@ def _top_lanes(x, cand, n_best, TILE: tl.constexpr, PROBE_LANES: tl.constexpr = 
     ``PROBE_LANES`` evenly spaced probes in one 2-D reduction (fewer passes than a bisection, each
     a block-wide reduction whose latency dominates) and keeps the bracket where the count falls
     to ``n_best``; a probe with exactly ``n_best`` above it ends the search. ``PROBE_LANES=2``
-    is the plain bisection."""
+    is the plain bisection; 4 was the fastest of 2/4/8/16 on the H100 for rows of 256 to 8192
+    (``scripts/sweep_top_lanes.py``: 10-20 % under the bisection; 8 and 16 spill at 8192)."""
     key = _order_key(x)
     # The cut lies in [min key - 1, max key] of the candidates. Non-candidates get a key below
     # every probe (finite floats map above -2**31 + 2**23): "key > probe" needs no mask.
@@ -65,14 +66,13 @@ def _top_lanes(x, cand, n_best, TILE: tl.constexpr, PROBE_LANES: tl.constexpr = 
     while hi - lo > 1:
         probes = lo + ((hi - lo) * step) // PROBE_LANES  # probes[0] = lo
         n_above = tl.sum((key[:, None] > probes.to(tl.int32)[None, :]).to(tl.int32), 0)
-        j = tl.sum((n_above > extra).to(tl.int32), 0) - 1  # the last probe still above the cut
-        new_lo = tl.sum(tl.where(step == j, probes, 0), 0)
-        new_hi = tl.where(j + 1 < PROBE_LANES, tl.sum(tl.where(step == j + 1, probes, 0), 0), hi)
-        exact = n_above == extra  # the cut is "everything above that probe": done
-        found = tl.max(exact.to(tl.int32), 0) > 0
-        at = tl.max(tl.where(exact, probes, lo), 0)
-        hi = tl.where(found, at, new_hi)
-        lo = tl.where(found, at - 1, new_lo)
+        over = n_above > extra  # a prefix of the probes (the count falls as the probe rises)
+        new_lo = tl.max(tl.where(over, probes, lo), 0)
+        hi = tl.min(tl.where(over, hi, probes), 0)
+        # The first probe not over has the largest count of those: exactly ``extra`` above it
+        # makes it a valid cut, so the search stops there.
+        exact = tl.max(tl.where(over, -1, n_above), 0) == extra
+        lo = tl.where(exact, hi - 1, new_lo)
     t = hi.to(tl.int32)
     above = cand & (key > t)
     ties = cand & (key == t)
