@@ -42,7 +42,7 @@ def _order_key(x):
 
 
 @triton.jit
-def _top_lanes(x, cand, n_best, TILE: tl.constexpr, PROBE_LANES: tl.constexpr = 4):
+def _top_lanes(x, cand, n_best, TILE: tl.constexpr, PROBE_LANES: tl.constexpr = 0):
     """bool [TILE]: the ``n_best`` largest ``x`` among the ``cand`` lanes (ties -> lower lane,
     the stable descending sort's order): every candidate above the cut value, then a prefix of
     the candidates equal to it. The cut ``t`` (the smallest key with at most ``n_best``
@@ -50,8 +50,9 @@ def _top_lanes(x, cand, n_best, TILE: tl.constexpr, PROBE_LANES: tl.constexpr = 
     ``PROBE_LANES`` evenly spaced probes in one 2-D reduction (fewer passes than a bisection, each
     a block-wide reduction whose latency dominates) and keeps the bracket where the count falls
     to ``n_best``; a probe with exactly ``n_best`` above it ends the search. ``PROBE_LANES=2``
-    is the plain bisection; 4 was the fastest of 2/4/8/16 on the H100 for rows of 256 to 8192
-    (``scripts/sweep_top_lanes.py``: 10-20 % under the bisection; 8 and 16 spill at 8192)."""
+    is the plain bisection; 0 (default) picks 4 up to 4096 lanes and 2 above: on the H100 4 was
+    the fastest of 2/4/8/16 alone (``scripts/sweep_top_lanes.py``: 10-20 % under the bisection),
+    but inside the page selector at 8192 lanes it was slower than the bisection (24 vs 22 us)."""
     key = _order_key(x)
     # The cut lies in [min key - 1, max key] of the candidates. Non-candidates get a key below
     # every probe (finite floats map above -2**31 + 2**23): "key > probe" needs no mask.
@@ -62,9 +63,10 @@ def _top_lanes(x, cand, n_best, TILE: tl.constexpr, PROBE_LANES: tl.constexpr = 
     n_cand = tl.sum(cand.to(tl.int32), 0)
     hi = tl.where(n_cand <= extra, lo, hi)  # every candidate wanted: the cut is below them all
     # Invariant: more than ``extra`` candidates lie above ``lo``, at most ``extra`` above ``hi``.
-    step = tl.arange(0, PROBE_LANES).to(tl.int64)
+    LANES: tl.constexpr = PROBE_LANES if PROBE_LANES > 0 else (4 if TILE <= 4096 else 2)
+    step = tl.arange(0, LANES).to(tl.int64)
     while hi - lo > 1:
-        probes = lo + ((hi - lo) * step) // PROBE_LANES  # probes[0] = lo
+        probes = lo + ((hi - lo) * step) // LANES  # probes[0] = lo
         n_above = tl.sum((key[:, None] > probes.to(tl.int32)[None, :]).to(tl.int32), 0)
         over = n_above > extra  # a prefix of the probes (the count falls as the probe rises)
         new_lo = tl.max(tl.where(over, probes, lo), 0)
