@@ -294,30 +294,6 @@ def test_forced_split_counts_agree(num_splits):
 
 
 @needs_triton
-@pytest.mark.parametrize("num_splits,Lq", [(2, 1), (7, 1), (3, 9)])
-def test_in_kernel_merge_equals_the_merge_kernel_and_resets_its_tickets(num_splits, Lq):
-    """The last split of each tile merges in the same launch: the same output and lse as the separate
-    merge kernel (same arithmetic), the oracle's within tolerance, again on a second launch (the
-    ticket counters are back at zero after each). Lq = 9: 72 rows, two row tiles per head group."""
-    from sparseattn.kernels import decode_triton as dt
-
-    cache = make_cache(2, 2, 32, [150, 77])
-    sel = random_selection(cache, 2, kind="pages_tokens", density=0.7, n_tokens=9)
-    q = make_q(2, 8, Lq, 32, torch.bfloat16)
-    args = (q, cache.k_pages(0), cache.v_pages(0), cache.page_table_storage, cache.layer_lengths(0))
-    kw = dict(page_size=16, pages=sel.pages, page_counts=sel.page_counts, tokens=sel.tokens,
-              token_counts=sel.token_counts, return_lse=True, num_splits=num_splits)
-    two_launches = dt.decode_attention_triton(*args, merge_in_kernel=False, **kw)
-    ref, ref_lse, pt = oracle(q, cache, 0, sel)
-    for _ in range(2):
-        out, lse = dt.decode_attention_triton(*args, out=torch.full_like(q, float("nan")), **kw)
-        assert_tolerance(out, lse, ref, ref_lse, pt, factor=3.0)
-        assert torch.equal(out, two_launches[0]) and torch.equal(lse, two_launches[1])
-        tickets = dt._TICKETS[(q.device.type, q.device.index)]
-        assert not tickets.any()
-
-
-@needs_triton
 def test_many_query_rows_use_several_row_tiles():
     # G * Lq = 8 * 9 = 72 rows > 64 rows per program.
     run_case("triton", 1, 8, 1, 32, [60], Lq=9, kind="pages_tokens")

@@ -12,10 +12,8 @@ one position; a tile of ``BLOCK_N`` stream positions may span several pages (or 
 and each row's address comes from the page table. Split-K (flash-decoding): the selected pages
 (and tokens) are cut into ``num_splits`` equal ranges, one program each, so a single long
 sequence fills the GPU; each split writes a normalised fp32 partial output and its
-log-sum-exp, and the last split of each tile to finish (a ticket counter per tile) combines them
-(``o = sum_s exp(lse_s - lse) o_s``, ``_merge_row``) in the same launch; ``_merge_splits`` does it
-as a second launch where no ticket buffer can be had. With one split the kernel writes the final
-output directly. Softmax runs online in base 2 with fp32
+log-sum-exp, and ``_merge_splits`` combines them (``o = sum_s exp(lse_s - lse) o_s``). With one
+split the first kernel writes the final output directly. Softmax runs online in base 2 with fp32
 accumulators; every offset that scales with the pool or the sequence is 64-bit.
 """
 
@@ -83,7 +81,7 @@ def _gather_attend(acc, l_i, m_i, poison, q, k_head, v_head, phys, slot, pos, ok
 @triton.jit
 def _decode_fwd(
     Q, KP, VP, Table, Lengths, PCounts, PIdx, TCounts, TIdx,
-    Out, Lse, OPart, LPart, Tickets,
+    Out, Lse, OPart, LPart,
     qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kp, stride_kh, stride_ks, stride_kd,
@@ -100,7 +98,6 @@ def _decode_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, HAS_PAGES: tl.constexpr, HAS_TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
     SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    MERGE_IN_KERNEL: tl.constexpr = False, SPLITS_POW2: tl.constexpr = 1,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -190,56 +187,12 @@ def _decode_fwd(
                   + split * stride_xs + offs_d[None, :] * stride_xd)
         tl.store(x_ptrs, out, mask=row_ok[:, None])
         tl.store(LPart + b64 * stride_yb + h64 * stride_yh + qi64 * stride_ym + split * stride_ys, lse, mask=row_ok)
-        if MERGE_IN_KERNEL:
-            # The last split of this (batch, KV head, row tile) to finish merges the tile's rows:
-            # one launch less than a separate merge kernel. The barrier orders every thread's
-            # partial before the (acq_rel) ticket; the ticket counter is reset for the next launch.
-            tl.debug_barrier()
-            slot = Tickets + bh * tl.num_programs(2) + mt
-            ticket = tl.atomic_add(slot, 1, sem="acq_rel")
-            if ticket == tl.num_programs(0) - 1:
-                tl.atomic_xchg(slot, 0)
-                for r in range(mt * BLOCK_M, tl.minimum((mt + 1) * BLOCK_M, GROUP * q_len)):
-                    _merge_row(OPart, LPart, Out, Lse, b64, (hk * GROUP + r // q_len).to(tl.int64),
-                               (r % q_len).to(tl.int64), tl.num_programs(0),
-                               stride_xb, stride_xh, stride_xm, stride_xs, stride_xd,
-                               stride_yb, stride_yh, stride_ym, stride_ys,
-                               stride_ob, stride_oh, stride_om, stride_od, stride_lb, stride_lh, stride_lm,
-                               HEAD_DIM, SPLITS_POW2, RETURN_LSE)
     else:
         o_ptrs = (Out + b64 * stride_ob + h64[:, None] * stride_oh + qi64[:, None] * stride_om
                   + offs_d[None, :] * stride_od)
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
         if RETURN_LSE:
             tl.store(Lse + b64 * stride_lb + h64 * stride_lh + qi64 * stride_lm, lse, mask=row_ok)
-
-
-@triton.jit
-def _merge_row(OPart, LPart, Out, Lse, b64, h64, i64, num_splits,
-               stride_xb, stride_xh, stride_xm, stride_xs, stride_xd,
-               stride_yb, stride_yh, stride_ym, stride_ys,
-               stride_ob, stride_oh, stride_om, stride_od,
-               stride_lb, stride_lh, stride_lm,
-               HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, RETURN_LSE: tl.constexpr):
-    """One query row: ``lse = logsumexp_s lse_s``, ``o = sum_s exp(lse_s - lse) o_s`` (0 / -inf if empty).
-    The partials are read past L1 (``.cg``): in the fused path other programs wrote them."""
-    offs_s = tl.arange(0, SPLITS)
-    offs_d = tl.arange(0, HEAD_DIM)
-    s_ok = offs_s < num_splits
-    lse_s = tl.load(LPart + b64 * stride_yb + h64 * stride_yh + i64 * stride_ym + offs_s * stride_ys,
-                    mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse_s, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse_s - m_safe)  # 0 for empty splits
-    den = tl.sum(w, 0)
-    o_s = tl.load(OPart + b64 * stride_xb + h64 * stride_xh + i64 * stride_xm + offs_s[:, None] * stride_xs
-                  + offs_d[None, :] * stride_xd, mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
-    out = tl.sum(w[:, None] * o_s, 0) / tl.where(den > 0.0, den, 1.0)
-    tl.store(Out + b64 * stride_ob + h64 * stride_oh + i64 * stride_om + offs_d * stride_od,
-             out.to(Out.dtype.element_ty))
-    if RETURN_LSE:
-        lse = tl.where(den > 0.0, m_safe + tl.log(tl.where(den > 0.0, den, 1.0)), float("-inf"))
-        tl.store(Lse + b64 * stride_lb + h64 * stride_lh + i64 * stride_lm, lse)
 
 
 @triton.jit
@@ -252,14 +205,30 @@ def _merge_splits(
     num_heads, q_len, num_splits,
     HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):
-    """One program per query row (the merge when it does not run inside ``_decode_fwd``)."""
+    """One query row: ``lse = logsumexp_s lse_s``, ``o = sum_s exp(lse_s - lse) o_s`` (0 / -inf if empty)."""
     row = tl.program_id(0)
     b = row // (num_heads * q_len)
     rem = row % (num_heads * q_len)
-    _merge_row(OPart, LPart, Out, Lse, b.to(tl.int64), (rem // q_len).to(tl.int64), (rem % q_len).to(tl.int64),
-               num_splits, stride_xb, stride_xh, stride_xm, stride_xs, stride_xd,
-               stride_yb, stride_yh, stride_ym, stride_ys, stride_ob, stride_oh, stride_om, stride_od,
-               stride_lb, stride_lh, stride_lm, HEAD_DIM, SPLITS, RETURN_LSE)
+    b64 = b.to(tl.int64)
+    h64 = (rem // q_len).to(tl.int64)
+    i64 = (rem % q_len).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < num_splits
+    lse_s = tl.load(LPart + b64 * stride_yb + h64 * stride_yh + i64 * stride_ym + offs_s * stride_ys,
+                    mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)  # 0 for empty splits
+    den = tl.sum(w, 0)
+    o_s = tl.load(OPart + b64 * stride_xb + h64 * stride_xh + i64 * stride_xm + offs_s[:, None] * stride_xs
+                  + offs_d[None, :] * stride_xd, mask=s_ok[:, None], other=0.0)
+    out = tl.sum(w[:, None] * o_s, 0) / tl.where(den > 0.0, den, 1.0)
+    tl.store(Out + b64 * stride_ob + h64 * stride_oh + i64 * stride_om + offs_d * stride_od,
+             out.to(Out.dtype.element_ty))
+    if RETURN_LSE:
+        lse = tl.where(den > 0.0, m_safe + tl.log(tl.where(den > 0.0, den, 1.0)), float("-inf"))
+        tl.store(Lse + b64 * stride_lb + h64 * stride_lh + i64 * stride_lm, lse)
 
 
 # (BLOCK_N, num_warps, num_stages): decode tiles are short in M (the GQA group), so the key tile
@@ -313,30 +282,6 @@ def choose_num_splits(programs: int, stream_tokens: int, device: torch.device) -
     return max(1, min(by_occupancy, by_work, MAX_SPLITS))
 
 
-# Ticket counters of the in-kernel merge, per device: zero between launches (the last split of a
-# tile resets its counter), so one buffer serves every launch. A larger need allocates a larger
-# buffer; old ones stay alive, since captured CUDA graphs keep their addresses. Launches that run
-# concurrently on different streams would share counters, so the in-kernel merge is for one
-# stream at a time (``merge_in_kernel=False`` opts out).
-_TICKETS: dict = {}
-_TICKETS_RETIRED: list = []
-
-
-def _tickets(device: torch.device, n: int) -> Optional[torch.Tensor]:
-    """A zeroed int32 counter buffer of at least ``n`` entries, or None while a CUDA graph is being
-    captured and none is large enough yet (an allocation there would come from the graph's pool)."""
-    key = (device.type, device.index)
-    have = _TICKETS.get(key)
-    if have is not None and have.numel() >= n:
-        return have
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    if have is not None:
-        _TICKETS_RETIRED.append(have)
-    _TICKETS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return _TICKETS[key]
-
-
 def _sel_strides(counts: Optional[torch.Tensor], idx: Optional[torch.Tensor]) -> tuple:
     """Strides of a [B|1, H|1] count tensor and a [B|1, H|1, W] index tensor; 0 on broadcast dims."""
     if counts is None:
@@ -352,16 +297,12 @@ def decode_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
                             tokens: Optional[torch.Tensor] = None, token_counts: Optional[torch.Tensor] = None,
                             dense: bool = False, dense_pages: int = 0, scale: Optional[float] = None,
                             return_lse: bool = False, num_splits: Optional[int] = None,
-                            config: Optional[tuple] = None, out: Optional[torch.Tensor] = None,
-                            merge_in_kernel: Optional[bool] = None):
+                            config: Optional[tuple] = None, out: Optional[torch.Tensor] = None):
     """Launch the decode kernel on validated inputs (see ``sparse_decode_attention``).
 
     Same arguments as :func:`sparseattn.kernels.decode_reference.decode_attention_reference`,
     plus ``num_splits`` (default: chosen from the shapes), ``config = (BLOCK_N, num_warps,
-    num_stages)``, ``out`` (tests hand in a poisoned buffer) and ``merge_in_kernel``: with
-    several splits, the last split of each tile merges them (one launch; default when a ticket
-    buffer is at hand) or a second kernel does (``False``; also during a CUDA-graph capture that
-    would have to allocate the buffer).
+    num_stages)`` and ``out`` (tests hand in a poisoned buffer).
     """
     B, Hq, Lq, D = q.shape
     Hkv = k_pages.shape[1]
@@ -411,17 +352,12 @@ def decode_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
     part_o = o_part.stride() if split else (0, 0, 0, 0, 0)
     part_l = l_part.stride() if split else (0, 0, 0, 0)
 
-    tickets = None
-    if split and merge_in_kernel is not False:
-        tickets = _tickets(q.device, B * Hkv * row_tiles)
-    fused = tickets is not None
-
     grid = (num_splits, B * Hkv, row_tiles)
     _decode_fwd[grid](
         q, k_pages, v_pages, page_table, lengths,
         page_counts if has_pages else dummy, pages if has_pages else dummy,
         token_counts if has_tokens else dummy, tokens if has_tokens else dummy,
-        out, lse, o_part, l_part, tickets if fused else dummy,
+        out, lse, o_part, l_part,
         scale * LOG2E,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *page_table.stride(),
         *sc_p, *si_p, *sc_t, *si_t,
@@ -430,10 +366,9 @@ def decode_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
         PAGE_SIZE=page_size, GROUP=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
         DENSE=dense, HAS_PAGES=has_pages, HAS_TOKENS=has_tokens, CAUSAL=Lq > 1,
         SPLIT=split, RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot,
-        MERGE_IN_KERNEL=fused, SPLITS_POW2=_pow2_at_least(num_splits),
         num_warps=num_warps, num_stages=num_stages,
     )
-    if split and not fused:
+    if split:
         _merge_splits[(B * Hq * Lq,)](
             o_part, l_part, out, lse,
             *o_part.stride(), *l_part.stride(), *out.stride(), *lse_strides,
