@@ -64,18 +64,29 @@ def _top_lanes(x, cand, n_best, TILE: tl.constexpr, PROBE_LANES: tl.constexpr = 
     hi = tl.where(n_cand <= extra, lo, hi)  # every candidate wanted: the cut is below them all
     # Invariant: more than ``extra`` candidates lie above ``lo``, at most ``extra`` above ``hi``.
     LANES: tl.constexpr = PROBE_LANES if PROBE_LANES > 0 else (4 if TILE <= 4096 else 2)
-    step = tl.arange(0, LANES).to(tl.int64)
-    while hi - lo > 1:
-        probes = lo + ((hi - lo) * step) // LANES  # probes[0] = lo
-        n_above = tl.sum((key[:, None] > probes.to(tl.int32)[None, :]).to(tl.int32), 0)
-        over = n_above > extra  # a prefix of the probes (the count falls as the probe rises)
-        new_lo = tl.max(tl.where(over, probes, lo), 0)
-        hi = tl.min(tl.where(over, hi, probes), 0)
-        # The first probe not over has the largest count of those: exactly ``extra`` above it
-        # makes it a valid cut, so the search stops there.
-        exact = tl.max(tl.where(over, -1, n_above), 0) == extra
-        lo = tl.where(exact, hi - 1, new_lo)
-    t = hi.to(tl.int32)
+    if LANES == 2:
+        # Plain bisection: one reduction per step, the rest scalar (the k-ary pass below would add
+        # three small reductions per step).
+        while lo < hi:
+            mid = lo + (hi - lo) // 2
+            n_above = tl.sum((key > mid.to(tl.int32)).to(tl.int32), 0)
+            exact = n_above == extra  # the cut is "everything above mid": done
+            hi = tl.where(n_above <= extra, mid, hi)
+            lo = tl.where(exact, mid, tl.where(n_above <= extra, lo, mid + 1))
+        t = lo.to(tl.int32)
+    else:
+        step = tl.arange(0, LANES).to(tl.int64)
+        while hi - lo > 1:
+            probes = lo + ((hi - lo) * step) // LANES  # probes[0] = lo
+            n_above = tl.sum((key[:, None] > probes.to(tl.int32)[None, :]).to(tl.int32), 0)
+            over = n_above > extra  # a prefix of the probes (the count falls as the probe rises)
+            new_lo = tl.max(tl.where(over, probes, lo), 0)
+            hi = tl.min(tl.where(over, hi, probes), 0)
+            # The first probe not over has the largest count of those: exactly ``extra`` above it
+            # makes it a valid cut, so the search stops there.
+            exact = tl.max(tl.where(over, -1, n_above), 0) == extra
+            lo = tl.where(exact, hi - 1, new_lo)
+        t = hi.to(tl.int32)
     above = cand & (key > t)
     ties = cand & (key == t)
     tie_rank = tl.cumsum(ties.to(tl.int32), 0) - 1
