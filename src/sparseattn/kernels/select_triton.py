@@ -60,9 +60,6 @@ def _top_lanes(x, cand, n_best, TILE: tl.constexpr, PROBE_LANES: tl.constexpr = 
     key = tl.where(cand, key, -2147483647)
     hi = tl.max(key, 0).to(tl.int64)
     extra = tl.minimum(tl.maximum(n_best, 0), TILE).to(tl.int32)
-    n_cand = tl.sum(cand.to(tl.int32), 0)
-    hi = tl.where(n_cand <= extra, lo, hi)  # every candidate wanted: the cut is below them all
-    # Invariant: more than ``extra`` candidates lie above ``lo``, at most ``extra`` above ``hi``.
     LANES: tl.constexpr = PROBE_LANES if PROBE_LANES > 0 else (4 if TILE <= 4096 else 2)
     if LANES == 2:
         # Plain bisection: one reduction per step, the rest scalar (the k-ary pass below would add
@@ -75,6 +72,9 @@ def _top_lanes(x, cand, n_best, TILE: tl.constexpr, PROBE_LANES: tl.constexpr = 
             lo = tl.where(exact, mid, tl.where(n_above <= extra, lo, mid + 1))
         t = lo.to(tl.int32)
     else:
+        n_cand = tl.sum(cand.to(tl.int32), 0)
+        hi = tl.where(n_cand <= extra, lo, hi)  # every candidate wanted: the cut is below them all
+        # Invariant: more than ``extra`` candidates lie above ``lo``, at most ``extra`` above ``hi``.
         step = tl.arange(0, LANES).to(tl.int64)
         while hi - lo > 1:
             probes = lo + ((hi - lo) * step) // LANES  # probes[0] = lo
