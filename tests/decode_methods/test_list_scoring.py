@@ -285,6 +285,18 @@ def test_gpu_list_steps_equal_mask_steps_bf16(name, cfg):
     # to ~1e-6: such a step must be a near-tie swap, and the list twin then continues from the mask
     # twin's state (teacher forcing), so one swap does not snowball.
     fast, slow = pair(name, cfg)
+    assert bf16_twin_steps(fast, slow, state_tol=dict(rtol=1e-4, atol=1e-6), check_tied_scores=True) <= 3
+
+
+def bf16_twin_steps(fast, slow, *, state_tol, check_tied_scores=False, steps=32):
+    """Run two twins of one eviction method side by side on the GPU (bf16, 32/8/128, prompts of
+    8192 and 7001 tokens, ``steps`` decode steps) and return how many steps swapped a near-tie.
+
+    Every step both select the same tokens and keep as many; a step where the kept sets differ
+    may swap at most two pairs per (batch, KV head) in at most ``Hkv`` rows (TOVA: one sequence's
+    decision, shared by its heads), with ``check_tied_scores`` the swapped tokens' H2O scores tie,
+    and ``fast`` then continues from ``slow``'s state (teacher forcing: one swap must not snowball).
+    Other steps: the states agree within ``state_tol``."""
     B, Hkv, Hq, D, P, prompts = 2, 8, 32, 128, 16, [8192, 7001]
     g = torch.Generator().manual_seed(0)
 
@@ -297,7 +309,7 @@ def test_gpu_list_steps_equal_mask_steps_bf16(name, cfg):
     fast.on_prefill(q, cache, 0)
     slow.on_prefill(q, cache, 0)
     swaps = 0
-    for step in range(32):
+    for step in range(steps):
         cache.append(0, rand(B, Hkv, 1, D), rand(B, Hkv, 1, D))
         q = rand(B, Hq, 1, D)
         a, b = fast.select(q, cache, 0), slow.select(q, cache, 0)
@@ -309,9 +321,8 @@ def test_gpu_list_steps_equal_mask_steps_bf16(name, cfg):
         sf, ss = fast.state(cache, 0), slow.state(cache, 0)
         if bool(differ.any()):
             swaps += 1
-            # (TOVA: one sequence's decision, shared by its Hkv heads)
             assert int(differ.max()) <= 4 and int((differ > 0).sum()) <= Hkv, step
-            if "scores" in sf:  # H2O: the swapped tokens' scores (kept by one twin each) tie
+            if check_tied_scores and "scores" in sf:  # H2O: the swapped tokens' scores tie
                 for bb, hh in (differ > 0).nonzero().tolist():
                     only_f = sf["scores"][bb, hh, :n][(kf & ~ks)[bb, hh, :n]].sort().values
                     only_s = ss["scores"][bb, hh, :n][(ks & ~kf)[bb, hh, :n]].sort().values
@@ -320,5 +331,5 @@ def test_gpu_list_steps_equal_mask_steps_bf16(name, cfg):
                 if key in ss:
                     sf[key].copy_(ss[key])
         else:
-            assert_same_state(fast, slow, cache, 0, dict(rtol=1e-4, atol=1e-6))
-    assert swaps <= 3
+            assert_same_state(fast, slow, cache, 0, state_tol)
+    return swaps
