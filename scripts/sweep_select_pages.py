@@ -1,5 +1,6 @@
 """Time the page selection of Quest / block top-k (scores -> ascending page lists) on the GPU:
-the bisection kernel at several warp counts against ``torch.topk`` + assembly, on random scores.
+the bisection kernel at several warp counts and the two-stage selection at several chunk sizes
+against ``torch.topk`` + assembly, on random scores.
 
     python scripts/sweep_select_pages.py [--pages 2048,8192] [--rows 8,64] [--budget 128]
 """
@@ -15,6 +16,7 @@ p.add_argument("--pages", default="2048,8192,16384")
 p.add_argument("--rows", default="8,64")
 p.add_argument("--budget", type=int, default=128)
 p.add_argument("--warps", default="2,4,8,16")
+p.add_argument("--chunks", default="512,1024,2048", help="two_stage chunk sizes (pages)")
 args = p.parse_args()
 
 print(f"device {torch.cuda.get_device_name()}; us per call (CUDA-graph replay, median)")
@@ -28,6 +30,7 @@ for pages in (int(x) for x in args.pages.split(",")):
         kw = dict(page_size=16, budget=args.budget, recent=1, width=args.budget + 2, forced_in_budget=True)
         variants = [("topk", dict(method="topk"))] + [(f"bisect w{w}", dict(method="bisect", num_warps=int(w)))
                                                       for w in args.warps.split(",")]
+        variants += [(f"two_stage c{c}", dict(method="two_stage", chunk=int(c))) for c in args.chunks.split(",")]
         ref = top_pages_selection(scores, lengths, method="topk", **kw)
         line = []
         for name, extra in variants:

@@ -119,7 +119,7 @@ def test_mean_scores_match_pytorch(Hq, Hkv, Lq, P, sink, local):
 @pytest.mark.parametrize("budget,recent,sink_pages,forced_in_budget",
                          [(5, 1, 0, True), (5, 3, 0, True), (200, 3, 0, True), (4, 9, 2, False), (0, 1, 1, False),
                           (300, 2, 3, False)])
-@pytest.mark.parametrize("method", ["bisect", "topk"])
+@pytest.mark.parametrize("method", ["bisect", "topk", "two_stage"])
 def test_top_pages_selection_matches_rank_mask(budget, recent, sink_pages, forced_in_budget, method):
     # Tie-free scores: a random permutation per row (distinct values), ragged lengths.
     B, H, P = 4, 3, 4
@@ -135,15 +135,18 @@ def test_top_pages_selection_matches_rank_mask(budget, recent, sink_pages, force
     width = min(max_pages, budget + sink_pages + recent // P + 2)
     kw = dict(page_size=P, budget=budget, recent=recent, width=width, sink_pages=sink_pages,
               forced_in_budget=forced_in_budget)
-    got = top_pages_selection(scores, lengths, block_k=16, method=method, **kw)  # topk: several assembly chunks
+    # topk: several assembly chunks; two_stage: 5 chunks of 16 pages (some without candidates)
+    got = top_pages_selection(scores, lengths, block_k=16, method=method, chunk=16, **kw)
     got.validate(lengths)
     assert_same_selection(got, reference_selection(scores, lengths, **kw))
 
 
 @pytest.mark.parametrize("forced_in_budget", [True, False])
-def test_bisection_breaks_ties_like_the_stable_sort(forced_in_budget):
+@pytest.mark.parametrize("method", ["bisect", "two_stage"])
+def test_bisection_breaks_ties_like_the_stable_sort(forced_in_budget, method):
     # Few distinct values (many ties at the cut), strided scores, a row longer than one warp's
-    # share, a width narrower than max_pages: exactly the PyTorch path's pages.
+    # share, a width narrower than max_pages: exactly the PyTorch path's pages (two_stage: ties
+    # across its four 64-page chunks too).
     B, H, P = 3, 2, 16
     lengths = torch.tensor([5, 700, 4000], dtype=torch.int32, device=DEVICE)
     max_pages = -(-4000 // P)
@@ -155,7 +158,7 @@ def test_bisection_breaks_ties_like_the_stable_sort(forced_in_budget):
     idx = torch.arange(max_pages, device=DEVICE).view(1, 1, -1)
     scores = scores.masked_fill((idx < r.clamp(max=1)) | (idx >= r), float("-inf"))
     kw = dict(page_size=P, budget=37, recent=2, width=41, sink_pages=1, forced_in_budget=forced_in_budget)
-    got = top_pages_selection(scores, lengths, method="bisect", **kw)
+    got = top_pages_selection(scores, lengths, method=method, chunk=64, **kw)
     got.validate(lengths)
     assert_same_selection(got, reference_selection(scores, lengths, **kw))
 
@@ -321,3 +324,26 @@ def test_cuda_fp32_quest_equals_pytorch(monkeypatch, policy):
             only_w = sorted(set(w_pages[b, h, :n].tolist()) - set(g_pages[b, h, :n].tolist()))
             if only_g:
                 assert float(ref[b, h, only_w].max() - ref[b, h, only_g].min()) <= tol, (b, h, only_g, only_w)
+
+
+@requires_cuda
+@pytest.mark.parametrize("forced_in_budget,sink_pages,recent", [(True, 0, 1), (False, 1, 17)])
+def test_cuda_two_stage_equals_bisect_and_pytorch_at_128k(forced_in_budget, sink_pages, recent):
+    """Rows of ~8K pages (128K tokens), where ``auto`` takes the two-stage selection: bf16-rounded
+    scores (ties at the cut), ragged lengths; the same pages as the bisection and the PyTorch path."""
+    B, H, P = 2, 8, 16
+    lengths = torch.tensor([131072 + 5, 100000], dtype=torch.int32, device="cuda")
+    max_pages = -(-(131072 + 5) // P)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    scores = torch.randn(B, H, max_pages, generator=g, device="cuda").to(torch.bfloat16).float()
+    N = lengths.long().view(-1, 1, 1)
+    r = torch.div((N - recent).clamp(min=0), P, rounding_mode="floor")
+    idx = torch.arange(max_pages, device="cuda").view(1, 1, -1)
+    scores = scores.masked_fill((idx < r.clamp(max=sink_pages)) | (idx >= r), float("-inf"))
+    kw = dict(page_size=P, budget=128, recent=recent, width=140, sink_pages=sink_pages,
+              forced_in_budget=forced_in_budget)
+    want = reference_selection(scores, lengths, **kw)
+    for method in ("auto", "two_stage", "bisect"):
+        got = top_pages_selection(scores, lengths, method=method, **kw)
+        got.validate(lengths)
+        assert_same_selection(got, want)

@@ -3,7 +3,9 @@
 Tiers: ``_quest_scores`` / ``_mean_scores`` (score every candidate page of one (batch, KV head)
 in chunks of ``BLOCK_P`` pages, reading the page metadata through the page table: no gathered
 copy), ``_select_pages`` (one program per row: bisection for the cut score, forced pages, ascending
-``DecodeSelection`` rows; the fallback for rows too long for registers is ``torch.topk`` +
+``DecodeSelection`` rows), ``_chunk_candidates`` + ``_pick_candidates`` (the same result in two
+launches for long rows: single-warp programs per chunk of pages keep the chunk's best, one program
+per row ranks those; the fallback for rows too long for registers is ``torch.topk`` +
 ``_assemble``) -> ``quest_page_scores_triton``, ``mean_page_scores_triton``, ``top_pages_selection`` ->
 ``quest_select_triton`` / ``block_topk_select_triton`` (what ``Quest._select`` and
 ``BlockTopKDecode._select`` call on CUDA).
@@ -30,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import triton_interpreting
-from .select_triton import MAX_KEY_BLOCKS, _select_row
+from .select_triton import MAX_KEY_BLOCKS, _finite_scores, _select_row, _top_lanes
 
 SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GQA_REDUCTIONS = ("group_max", "group_sum")
@@ -42,6 +44,11 @@ GQA_REDUCTIONS = ("group_max", "group_sum")
 # FMA units and holds whole operands in registers: 16 pages, 8 warps.
 DEFAULT_BLOCK_P = 64
 DEFAULT_BLOCK_K = 64  # top-k entries per assembly program (a BLOCK_K x BLOCK_K rank tile)
+# Two-stage selection: rows of at least this many pages are cut into chunks of TWO_STAGE_CHUNK
+# pages, one single-warp program each (warp-only reductions), whose best candidates a second
+# launch ranks; one program of 8 warps per 8192-page row spent ~22 us in block-wide reductions.
+TWO_STAGE_MIN_PAGES = 4097
+TWO_STAGE_CHUNK = 1024
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -214,6 +221,70 @@ def _select_pages(Scores, Lengths, Counts, Pages, H, max_pages, width, page_size
                 first_recent, n_pages - 1, head, 0, finite_max, True, True, TILE)
 
 
+@triton.jit
+def _free_pages(budget, head, first_recent, n_pages, FORCED_IN_BUDGET: tl.constexpr):
+    """Candidate pages a row may choose: the budget, less the forced pages when they count toward it."""
+    if FORCED_IN_BUDGET:
+        return budget - head - (n_pages - first_recent)
+    else:
+        return budget + 0 * head
+
+
+@triton.jit
+def _chunk_candidates(Scores, Lengths, CandScore, CandPage, H, n_chunks, page_size, budget, sink_pages, recent,
+                      stride_sb, stride_sh, stride_sp, finite_max,
+                      FORCED_IN_BUDGET: tl.constexpr, CHUNK: tl.constexpr, SLOTS: tl.constexpr):
+    """Stage 1 of the two-stage selection: one (row, chunk of ``CHUNK`` pages) per program keeps
+    the chunk's best ``free`` candidates (the row's best are among them) and writes their scores
+    and pages in page order to ``SLOTS`` slots, page -1 in the unused ones."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    b = row // H
+    h = row % H
+    head, first_recent, n_pages = _candidate_range(Lengths, b, page_size, sink_pages, recent)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    cand = (offs >= head) & (offs < first_recent)
+    x = tl.load(Scores + b * stride_sb + h * stride_sh + offs.to(tl.int64) * stride_sp, mask=cand,
+                other=0.0).to(tl.float32)
+    x = _finite_scores(x, finite_max)
+    chosen = _top_lanes(x, cand, _free_pages(budget, head, first_recent, n_pages, FORCED_IN_BUDGET), CHUNK)
+    rank = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    n_chosen = tl.sum(chosen.to(tl.int32), 0)
+    base = (row * n_chunks + c) * SLOTS
+    tl.store(CandScore + base + rank, x, mask=chosen & (rank < SLOTS))
+    tl.store(CandPage + base + rank, offs, mask=chosen & (rank < SLOTS))
+    slots = tl.arange(0, SLOTS)
+    tl.store(CandPage + base + slots, tl.full([SLOTS], -1, tl.int32), mask=slots >= n_chosen)
+
+
+@triton.jit
+def _pick_candidates(CandScore, CandPage, Lengths, Counts, Pages, H, n_cand_slots, width, page_size, budget,
+                     sink_pages, recent, FORCED_IN_BUDGET: tl.constexpr, TILE: tl.constexpr,
+                     BLOCK_W: tl.constexpr):
+    """Stage 2: one row per program chooses its best ``free`` among the chunks' candidates (in page
+    order, so ties still go to the lower page) and writes sinks, chosen pages and the recent tail:
+    three ascending runs, zeros after the count."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // H
+    head, first_recent, n_pages = _candidate_range(Lengths, b, page_size, sink_pages, recent)
+    offs = tl.arange(0, TILE)
+    page = tl.load(CandPage + row * n_cand_slots + offs, mask=offs < n_cand_slots, other=-1)
+    cand = page >= 0
+    x = tl.load(CandScore + row * n_cand_slots + offs, mask=cand, other=0.0)
+    chosen = _top_lanes(x, cand, _free_pages(budget, head, first_recent, n_pages, FORCED_IN_BUDGET), TILE)
+    rank = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    n_chosen = tl.sum(chosen.to(tl.int32), 0)
+    count = head + n_chosen + (n_pages - first_recent)
+    out = Pages + row * width
+    tl.store(out + head + rank, page, mask=chosen & (head + rank < width))
+    for w0 in range(0, width, BLOCK_W):
+        p = w0 + tl.arange(0, BLOCK_W)
+        val = tl.where(p < head, p, first_recent + (p - head - n_chosen))
+        val = tl.where(p < count, val, 0)
+        tl.store(out + p, val, mask=(p < width) & ((p < head) | (p >= head + n_chosen)))
+    tl.store(Counts + row, count)
+
+
 # ----------------------------------------------------------------------------- wrappers
 def _check_common(q: torch.Tensor, pools: dict, page_table: torch.Tensor, lengths: torch.Tensor) -> tuple:
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
@@ -354,7 +425,8 @@ def mean_page_scores_triton(q: torch.Tensor, meta_mean: torch.Tensor, page_table
 
 def top_pages_selection(scores: torch.Tensor, lengths: torch.Tensor, *, page_size: int, budget: int,
                         recent: int, width: int, sink_pages: int = 0, forced_in_budget: bool = False,
-                        block_k: int = DEFAULT_BLOCK_K, method: str = "auto", num_warps: Optional[int] = None):
+                        block_k: int = DEFAULT_BLOCK_K, method: str = "auto", num_warps: Optional[int] = None,
+                        chunk: int = TWO_STAGE_CHUNK):
     """The forced pages plus the best candidate pages of each (batch, head) as a ``DecodeSelection``.
 
     Args:
@@ -377,7 +449,10 @@ def top_pages_selection(scores: torch.Tensor, lengths: torch.Tensor, *, page_siz
     bisects for the cut score and writes the pages; ties go to the lower page (the PyTorch path's
     order). ``"topk"``: ``torch.topk`` picks the candidates (a radix select of ``k`` ids; ``k`` a
     host int from ``budget`` and the shapes), then one Triton launch sorts them and appends the
-    forced pages; ties at the budget's edge are unspecified. ``num_warps``: the bisection
+    forced pages; ties at the budget's edge are unspecified. ``"two_stage"`` (default from
+    ``TWO_STAGE_MIN_PAGES`` pages while ``2 * budget <= chunk``): programs of one warp keep each
+    ``chunk`` of pages' best candidates, in page order, then one program per row ranks those and
+    writes the row (same result as ``"bisect"``, ties included). ``num_warps``: the bisection
     program's (default: 4 warps up to 4096 pages, then about 32 pages per thread up to 16 warps: the
     fastest of 2/4/8/16 in ``scripts/sweep_select_pages.py`` on the H100). On the H100 at 128K tokens (8192
     pages, 8 rows) torch.topk alone took 46 us of a 79 us Quest step (its single-block kernel).
@@ -395,11 +470,17 @@ def top_pages_selection(scores: torch.Tensor, lengths: torch.Tensor, *, page_siz
                              ("sink_pages", sink_pages, 0), ("page_size", page_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if method not in ("auto", "bisect", "topk"):
-        raise ValueError(f"method must be 'auto', 'bisect' or 'topk', got {method!r}")
-    if method == "bisect" and max_pages > MAX_KEY_BLOCKS:
-        raise ValueError(f"method='bisect' holds a row in registers: at most {MAX_KEY_BLOCKS} pages, got {max_pages}")
-    bisect = method == "bisect" or (method == "auto" and max_pages <= MAX_KEY_BLOCKS)
+    if method not in ("auto", "bisect", "two_stage", "topk"):
+        raise ValueError(f"method must be 'auto', 'bisect', 'two_stage' or 'topk', got {method!r}")
+    if not isinstance(chunk, int) or chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two >= 16, got {chunk!r}")
+    if method in ("bisect", "two_stage") and max_pages > MAX_KEY_BLOCKS:
+        raise ValueError(f"method={method!r} holds a row in registers: at most {MAX_KEY_BLOCKS} pages, "
+                         f"got {max_pages}")
+    if method == "auto":
+        method = "topk" if max_pages > MAX_KEY_BLOCKS else (
+            "two_stage" if max_pages >= TWO_STAGE_MIN_PAGES and 2 * budget <= chunk else "bisect")
+    bisect = method == "bisect"
     # How many ids topk returns. When every row chooses the same number of pages (forced pages on
     # top of the budget, or Quest at Lq = 1, where exactly one page is forced) that number is
     # enough and their order does not matter; otherwise rows take a prefix of a sorted list.
@@ -416,6 +497,22 @@ def top_pages_selection(scores: torch.Tensor, lengths: torch.Tensor, *, page_siz
         return DecodeSelection(counts, pages, page_size)
     if max_pages == 0:  # no page anywhere: every count is 0
         return DecodeSelection(counts.zero_(), pages.zero_(), page_size)
+    if method == "two_stage":
+        sc = scores if scores.dtype in SCORE_DTYPES else scores.float()
+        n_chunks = triton.cdiv(max_pages, chunk)
+        slots = triton.next_power_of_2(max(1, min(budget, chunk)))
+        cand_score = torch.empty(B * H, n_chunks * slots, dtype=torch.float32, device=scores.device)
+        cand_page = torch.empty(B * H, n_chunks * slots, dtype=torch.int32, device=scores.device)
+        _chunk_candidates[(B * H, n_chunks)](
+            sc, lengths, cand_score, cand_page, H, n_chunks, page_size, budget, sink_pages, recent,
+            sc.stride(0), sc.stride(1), sc.stride(2), float(torch.finfo(sc.dtype).max),
+            FORCED_IN_BUDGET=forced_in_budget, CHUNK=chunk, SLOTS=slots, num_warps=1)
+        tile = triton.next_power_of_2(n_chunks * slots)
+        _pick_candidates[(B * H,)](
+            cand_score, cand_page, lengths, counts, pages, H, n_chunks * slots, width, page_size, budget,
+            sink_pages, recent, FORCED_IN_BUDGET=forced_in_budget, TILE=tile, BLOCK_W=256,
+            num_warps=num_warps or min(8, max(1, tile // 256)))
+        return DecodeSelection(counts, pages, page_size)
     if bisect:
         tile = max(16, triton.next_power_of_2(max_pages))
         sc = scores if scores.dtype in SCORE_DTYPES else scores.float()

@@ -42,6 +42,15 @@ def _order_key(x):
 
 
 @triton.jit
+def _finite_scores(x, finite_max):
+    """nan_to_num as the PyTorch path does it: NaN -> 0, +-inf -> the input dtype's largest finite
+    value (keeps ties of that dtype); -0.0 -> 0.0 (it ties with 0.0 in the sort)."""
+    x = tl.where(x == x, x, 0.0)
+    x = tl.minimum(tl.maximum(x, -finite_max), finite_max)
+    return tl.where(x == 0.0, 0.0, x)
+
+
+@triton.jit
 def _top_lanes(x, cand, n_best, TILE: tl.constexpr, PROBE_LANES: tl.constexpr = 0):
     """bool [TILE]: the ``n_best`` largest ``x`` among the ``cand`` lanes (ties -> lower lane,
     the stable descending sort's order): every candidate above the cut value, then a prefix of
@@ -101,9 +110,7 @@ def _select_row(Scores, Counts, Indices, row, score_row, stride_sn, value, num_k
     offs = tl.arange(0, TILE)
     visible = offs < limit
     x = tl.load(Scores + score_row + offs.to(tl.int64) * stride_sn, mask=visible, other=0.0).to(tl.float32)
-    # nan_to_num: NaN -> 0, +-inf -> the input dtype's largest finite value (keeps ties of that dtype).
-    x = tl.where(x == x, x, 0.0)
-    x = tl.minimum(tl.maximum(x, -finite_max), finite_max)
+    x = _finite_scores(x, finite_max)
     if not TOPK:
         x = tl.maximum(x, 0.0)  # threshold mode reads masses
     x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0, as in the sort
