@@ -329,11 +329,12 @@ def test_cuda_fp32_quest_equals_pytorch(monkeypatch, policy):
 @requires_cuda
 @pytest.mark.parametrize("forced_in_budget,sink_pages,recent", [(True, 0, 1), (False, 1, 17)])
 def test_cuda_two_stage_equals_bisect_and_pytorch_at_128k(forced_in_budget, sink_pages, recent):
-    """Rows of ~8K pages (128K tokens), where ``auto`` takes the two-stage selection: bf16-rounded
-    scores (ties at the cut), ragged lengths; the same pages as the bisection and the PyTorch path."""
+    """Rows of just over 8K pages (128K tokens), where ``auto`` takes the two-stage selection:
+    bf16-rounded scores (ties at the cut), ragged lengths; the same pages as the bisection and the
+    PyTorch path."""
     B, H, P = 2, 8, 16
     lengths = torch.tensor([131072 + 5, 100000], dtype=torch.int32, device="cuda")
-    max_pages = -(-(131072 + 5) // P)
+    max_pages = -(-(131072 + 5) // P)  # 8193
     g = torch.Generator(device="cuda").manual_seed(7)
     scores = torch.randn(B, H, max_pages, generator=g, device="cuda").to(torch.bfloat16).float()
     N = lengths.long().view(-1, 1, 1)

@@ -46,8 +46,10 @@ DEFAULT_BLOCK_P = 64
 DEFAULT_BLOCK_K = 64  # top-k entries per assembly program (a BLOCK_K x BLOCK_K rank tile)
 # Two-stage selection: rows of at least this many pages are cut into chunks of TWO_STAGE_CHUNK
 # pages, one single-warp program each (warp-only reductions), whose best candidates a second
-# launch ranks; one program of 8 warps per 8192-page row spent ~22 us in block-wide reductions.
-TWO_STAGE_MIN_PAGES = 4097
+# launch ranks. H100 (scripts/sweep_select_pages.py, budget 128, 8 / 64 rows): 16384 pages 27.2 /
+# 36.0 us against 39.1 / 42.0 for the bisection (16 warps); 8192 pages 26.2 / 28.7 against 22.8 /
+# 24.7 (8 warps), so rows of up to 8192 pages keep the one-launch bisection.
+TWO_STAGE_MIN_PAGES = 8193
 TWO_STAGE_CHUNK = 1024
 
 
