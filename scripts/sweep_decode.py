@@ -57,7 +57,8 @@ for shape, L, B in itertools.product(args.shapes.split(","), map(int, args.conte
     for case, sel in cases.items():
         width = n_pages * 16 if case == "dense" else args.budget
         rows = (Hq // Hkv)
-        auto = dt.choose_num_splits(B * Hkv * math.ceil(rows / max(16, rows)), width, q.device)
+        auto = dt.choose_num_splits(B * Hkv * math.ceil(rows / max(16, rows)), width, q.device,
+                                    sparse=case != "dense")
         results = []
         configs = ([tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")] if args.configs
                    else list(itertools.product((32, 64, 128), (2, 4, 8), (2, 3))))
@@ -74,7 +75,7 @@ for shape, L, B in itertools.product(args.shapes.split(","), map(int, args.conte
         results.sort()
         kv_bytes = 2 * B * Hkv * width * D * 2
         print(f"== {shape} L={L} B={B} {case}: sdpa {sdpa*1e3:.1f} us, ours default {default*1e3:.1f} us "
-              f"(auto splits {auto}, config {dt.default_config(D, torch.bfloat16)})")
+              f"(auto splits {auto}, config {dt.default_config(D, torch.bfloat16, sparse=case != 'dense')})")
         for t, bn, w, s, sp in results[:args.top]:
             print(f"   {t*1e3:7.1f} us  {kv_bytes/(t*1e-3)/1e12:5.2f} TB/s  BLOCK_N={bn} warps={w} stages={s} splits={sp}")
         print(json.dumps({"shape": shape, "L": L, "B": B, "case": case, "sdpa_ms": sdpa, "default_ms": default,

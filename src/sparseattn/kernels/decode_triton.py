@@ -237,6 +237,11 @@ def _merge_splits(
 # 128K 414 -> 286 us (SDPA 278); 32/8/128 dense B=8 at 128K best (128, 4, 3) with ~20 splits
 # (1.44 ms, SDPA 1.39); (64, 2, 2) was best at B=1 but 1.9 ms at B=8.
 _CONFIGS_16BIT = {16: (64, 4, 2), 32: (64, 4, 2), 64: (128, 2, 3), 128: (128, 4, 3), 256: (32, 4, 2)}
+# Selections (pages / tokens, not dense) are short walks of gathered pages: smaller key tiles and
+# more, shorter splits. H100, scripts/sweep_decode.py --cases pages (2048 random tokens, 128K,
+# 2026-11-23): 32/8/128 B=1 10.2 -> 8.9 us with (32, 4, 2) at 64 splits, B=8 38.1 -> 36.4 us;
+# 9/3/64 B=1 8.0 -> 6.0 us.
+_SPARSE_CONFIGS_16BIT = {64: (32, 4, 2), 128: (32, 4, 2)}
 _CONFIGS_FP32 = {16: (32, 4, 2), 32: (32, 4, 2), 64: (32, 4, 2), 128: (32, 4, 2), 256: (16, 4, 1)}
 # The interpreter runs tiles as numpy arrays: small tiles that span two 16-token pages.
 _CONFIG_INTERPRET = (32, 4, 1)
@@ -244,6 +249,7 @@ MAX_BLOCK_M = 64  # query rows (G * Lq) per program; more rows go to more progra
 MAX_SPLITS = 128
 # A split reads at least this many selected tokens (the interpreter uses fewer so tests split).
 MIN_TOKENS_PER_SPLIT = 64
+MIN_TOKENS_PER_SPLIT_SPARSE = 32  # one 32-token tile per split at B=1 (the sweep above)
 # Split until about this many programs per SM, rounding the split count down: the H100 sweep
 # (scripts/sweep_decode.py, dense, 32K/128K, B=1/8) found 4 per SM best for D=64 and D=128, and a
 # count that spills a few programs into one more wave costs ~10 % (32/8/128 B=8 128K: 8 splits
@@ -253,10 +259,15 @@ MIN_TOKENS_PER_SPLIT_INTERPRET = 32
 INTERPRET_TARGET_PROGRAMS = 16
 
 
-def default_config(head_dim: int, dtype: torch.dtype) -> tuple:
+def default_config(head_dim: int, dtype: torch.dtype, sparse: bool = False) -> tuple:
+    """(BLOCK_N, num_warps, num_stages) for a dense walk or (``sparse``) a selection."""
     if triton_interpreting():
         return _CONFIG_INTERPRET
-    return (_CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS_16BIT)[head_dim]
+    if dtype == torch.float32:
+        return _CONFIGS_FP32[head_dim]
+    if sparse and head_dim in _SPARSE_CONFIGS_16BIT:
+        return _SPARSE_CONFIGS_16BIT[head_dim]
+    return _CONFIGS_16BIT[head_dim]
 
 
 @functools.lru_cache(maxsize=None)
@@ -268,7 +279,7 @@ def _pow2_at_least(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def choose_num_splits(programs: int, stream_tokens: int, device: torch.device) -> int:
+def choose_num_splits(programs: int, stream_tokens: int, device: torch.device, sparse: bool = False) -> int:
     """Splits per (batch, KV head, row tile): enough programs to fill the GPU, each with real work.
 
     Depends on shapes only (selection widths, never counts), so it costs no host sync.
@@ -276,7 +287,8 @@ def choose_num_splits(programs: int, stream_tokens: int, device: torch.device) -
     if triton_interpreting() or device.type != "cuda":
         target, min_tokens = INTERPRET_TARGET_PROGRAMS, MIN_TOKENS_PER_SPLIT_INTERPRET
     else:
-        target, min_tokens = PROGRAMS_PER_SM * _sm_count(device.index), MIN_TOKENS_PER_SPLIT
+        target = PROGRAMS_PER_SM * _sm_count(device.index)
+        min_tokens = MIN_TOKENS_PER_SPLIT_SPARSE if sparse else MIN_TOKENS_PER_SPLIT
     by_occupancy = max(1, target // max(programs, 1))
     by_work = max(1, stream_tokens // min_tokens)
     return max(1, min(by_occupancy, by_work, MAX_SPLITS))
@@ -315,7 +327,7 @@ def decode_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
     if B == 0 or Lq == 0:
         return (out, lse) if return_lse else out
 
-    block_n, num_warps, num_stages = config or default_config(D, q.dtype)
+    block_n, num_warps, num_stages = config or default_config(D, q.dtype, sparse=not dense)
     rows = G * Lq
     block_m = min(max(16, _pow2_at_least(rows)), MAX_BLOCK_M)
     row_tiles = triton.cdiv(rows, block_m)
@@ -324,7 +336,8 @@ def decode_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
     width_pages = dense_pages if dense else (pages.shape[-1] if pages is not None else 0)
     width_tokens = tokens.shape[-1] if tokens is not None else 0
     if num_splits is None:
-        num_splits = choose_num_splits(B * Hkv * row_tiles, width_pages * page_size + width_tokens, q.device)
+        num_splits = choose_num_splits(B * Hkv * row_tiles, width_pages * page_size + width_tokens, q.device,
+                                       sparse=not dense)
     num_splits = max(1, int(num_splits))
     pages_per_split = max(1, triton.cdiv(width_pages, num_splits))
     if block_n % page_size == 0:  # whole tiles per split
