@@ -26,7 +26,9 @@ p.add_argument("--batches", default="1,8")
 p.add_argument("--budget", type=int, default=2048)
 p.add_argument("--top", type=int, default=4)
 p.add_argument("--splits", default=None, help="comma list of split counts (default: 0.5/1/2/4 x the rule's)")
-p.add_argument("--configs", default=None, help="semicolon list of BLOCK_N,warps,stages (default: a grid)")
+p.add_argument("--configs", default=None,
+               help="semicolon list of BLOCK_N,warps,stages[,prefetch] (default: a grid; prefetch 0/1/2, see "
+                    "decode_triton._walk_selection)")
 p.add_argument("--cases", default="dense,pages", help="dense and/or pages")
 args = p.parse_args()
 
@@ -64,20 +66,21 @@ for shape, L, B in itertools.product(args.shapes.split(","), map(int, args.conte
                    else list(itertools.product((32, 64, 128), (2, 4, 8), (2, 3))))
         split_list = ([int(x) for x in args.splits.split(",")] if args.splits
                       else sorted({max(1, int(auto * m)) for m in (0.5, 1, 2, 4)}))
-        for (block_n, warps, stages), splits in itertools.product(configs, split_list):
+        for config, splits in itertools.product(configs, split_list):
             try:
                 t = bench(lambda: dt.decode_attention_triton(q, kp, vp, table, lengths, page_size=16, num_splits=splits,
-                                                             config=(block_n, warps, stages), **sel))
+                                                             config=config, **sel))
             except Exception as exc:  # out of resources etc.
                 continue
-            results.append((t, block_n, warps, stages, splits))
+            results.append((t, *config, *([0] if len(config) == 3 else []), splits))
         default = bench(lambda: dt.decode_attention_triton(q, kp, vp, table, lengths, page_size=16, **sel))
         results.sort()
         kv_bytes = 2 * B * Hkv * width * D * 2
         print(f"== {shape} L={L} B={B} {case}: sdpa {sdpa*1e3:.1f} us, ours default {default*1e3:.1f} us "
               f"(auto splits {auto}, config {dt.default_config(D, torch.bfloat16, sparse=case != 'dense')})")
-        for t, bn, w, s, sp in results[:args.top]:
-            print(f"   {t*1e3:7.1f} us  {kv_bytes/(t*1e-3)/1e12:5.2f} TB/s  BLOCK_N={bn} warps={w} stages={s} splits={sp}")
+        for t, bn, w, s, pf, sp in results[:args.top]:
+            print(f"   {t*1e3:7.1f} us  {kv_bytes/(t*1e-3)/1e12:5.2f} TB/s  BLOCK_N={bn} warps={w} stages={s} "
+                  f"prefetch={pf} splits={sp}")
         print(json.dumps({"shape": shape, "L": L, "B": B, "case": case, "sdpa_ms": sdpa, "default_ms": default,
                           "auto_splits": auto, "best": results[:args.top]}))
     del cache

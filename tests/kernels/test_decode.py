@@ -294,6 +294,26 @@ def test_forced_split_counts_agree(num_splits):
 
 
 @needs_triton
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("num_splits,block_n", [(1, 16), (3, 16), (3, 32)])
+def test_prefetch_variants_agree(prefetch, num_splits, block_n):
+    # The software-pipelined walks (next tile's addresses, or addresses and K/V, issued before this
+    # tile is attended): pages and tokens, splits whose ranges end mid-tile, empty and one-tile walks.
+    from sparseattn.kernels.decode_triton import decode_attention_triton
+
+    cache = make_cache(3, 2, 32, [150, 77, 9])
+    sel = random_selection(cache, 2, kind="pages_tokens", density=0.7, n_tokens=40)
+    q = make_q(3, 4, 1, 32, torch.bfloat16)
+    out, lse = decode_attention_triton(q, cache.k_pages(0), cache.v_pages(0), cache.page_table_storage,
+                                       cache.layer_lengths(0), page_size=16, pages=sel.pages,
+                                       page_counts=sel.page_counts, tokens=sel.tokens, token_counts=sel.token_counts,
+                                       return_lse=True, num_splits=num_splits, config=(block_n, 4, 1, prefetch),
+                                       out=torch.full_like(q, float("nan")))
+    ref, ref_lse, pt = oracle(q, cache, 0, sel)
+    assert_tolerance(out, lse, ref, ref_lse, pt, factor=3.0)
+
+
+@needs_triton
 def test_many_query_rows_use_several_row_tiles():
     # G * Lq = 8 * 9 = 72 rows > 64 rows per program.
     run_case("triton", 1, 8, 1, 32, [60], Lq=9, kind="pages_tokens")

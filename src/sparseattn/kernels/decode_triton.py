@@ -65,17 +65,86 @@ def _attend(acc, l_i, m_i, poison, q, k, v, pos, ok, qpos, qk_scale,
 
 
 @triton.jit
-def _gather_attend(acc, l_i, m_i, poison, q, k_head, v_head, phys, slot, pos, ok, offs_d, qpos, qk_scale,
-                   stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
-                   CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Load the tile's K/V rows (page ``phys``, slot ``slot``; zeros where not ``ok``) and attend them."""
+def _load_kv(k_head, v_head, phys, slot, ok, offs_d, stride_kp, stride_ks, stride_kd, stride_vp, stride_vs,
+             stride_vd):
+    """The tile's K/V rows (page ``phys``, slot ``slot``; zeros where not ``ok``)."""
     phys64 = phys.to(tl.int64)
     slot64 = slot.to(tl.int64)
     k_ptrs = k_head + phys64[:, None] * stride_kp + slot64[:, None] * stride_ks + offs_d[None, :] * stride_kd
     v_ptrs = v_head + phys64[:, None] * stride_vp + slot64[:, None] * stride_vs + offs_d[None, :] * stride_vd
     k = tl.load(k_ptrs, mask=ok[:, None], other=0.0)
     v = tl.load(v_ptrs, mask=ok[:, None], other=0.0)
-    return _attend(acc, l_i, m_i, poison, q, k, v, pos, ok, qpos, qk_scale, CAUSAL, DOT_PRECISION, UPCAST_DOT)
+    return k, v
+
+
+@triton.jit
+def _tile_addresses(idx_row, table_row, offs, end, seq_len, table_width, stride_ik, stride_tp,
+                    PAGE_SIZE: tl.constexpr, PAGES: tl.constexpr):
+    """Stream positions ``offs`` (< ``end``) of a page selection (``PAGES``) or a token list:
+    (physical page, slot, token position, ok). Two dependent loads: the selection, the page table."""
+    in_range = offs < end  # never into the next split's range
+    if PAGES:
+        entry = offs // PAGE_SIZE
+        slot = offs - entry * PAGE_SIZE
+        lp = tl.load(idx_row + entry.to(tl.int64) * stride_ik, mask=in_range, other=0)
+        pos = lp * PAGE_SIZE + slot
+        ok = in_range & (lp >= 0) & (lp < table_width) & (pos < seq_len)
+    else:
+        pos = tl.load(idx_row + offs.to(tl.int64) * stride_ik, mask=in_range, other=0)
+        ok = in_range & (pos >= 0) & (pos < seq_len)
+        lp = pos // PAGE_SIZE
+        slot = pos - lp * PAGE_SIZE
+    phys = tl.load(table_row + lp.to(tl.int64) * stride_tp, mask=ok, other=0)
+    return phys, slot, pos, ok
+
+
+@triton.jit
+def _walk_selection(acc, l_i, m_i, poison, q, k_head, v_head, idx_row, table_row, start, end, seq_len, table_width,
+                    offs_n, offs_d, qpos, qk_scale, stride_ik, stride_tp,
+                    stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
+                    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PAGES: tl.constexpr, PREFETCH: tl.constexpr,
+                    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Attend stream positions [start, end) of a selection, one BLOCK_N tile at a time.
+
+    Every tile's K/V address sits behind two dependent loads (selection entry, page table).
+    ``PREFETCH`` 1 issues the next tile's addresses before this tile is attended; 2 also loads the
+    next tile's K/V there (registers), so the address chain and the K/V reads overlap compute."""
+    if PREFETCH == 0:
+        for s in range(start, end, BLOCK_N):
+            phys, slot, pos, ok = _tile_addresses(idx_row, table_row, s + offs_n, end, seq_len, table_width,
+                                                  stride_ik, stride_tp, PAGE_SIZE, PAGES)
+            k, v = _load_kv(k_head, v_head, phys, slot, ok, offs_d, stride_kp, stride_ks, stride_kd, stride_vp,
+                            stride_vs, stride_vd)
+            acc, l_i, m_i, poison = _attend(acc, l_i, m_i, poison, q, k, v, pos, ok, qpos, qk_scale, CAUSAL,
+                                            DOT_PRECISION, UPCAST_DOT)
+    elif PREFETCH == 1:
+        phys, slot, pos, ok = _tile_addresses(idx_row, table_row, start + offs_n, end, seq_len, table_width,
+                                              stride_ik, stride_tp, PAGE_SIZE, PAGES)
+        for s in range(start, end, BLOCK_N):
+            k, v = _load_kv(k_head, v_head, phys, slot, ok, offs_d, stride_kp, stride_ks, stride_kd, stride_vp,
+                            stride_vs, stride_vd)
+            n_phys, n_slot, n_pos, n_ok = _tile_addresses(idx_row, table_row, s + BLOCK_N + offs_n, end, seq_len,
+                                                          table_width, stride_ik, stride_tp, PAGE_SIZE, PAGES)
+            acc, l_i, m_i, poison = _attend(acc, l_i, m_i, poison, q, k, v, pos, ok, qpos, qk_scale, CAUSAL,
+                                            DOT_PRECISION, UPCAST_DOT)
+            phys, slot, pos, ok = n_phys, n_slot, n_pos, n_ok
+    else:
+        phys, slot, pos, ok = _tile_addresses(idx_row, table_row, start + offs_n, end, seq_len, table_width,
+                                              stride_ik, stride_tp, PAGE_SIZE, PAGES)
+        k, v = _load_kv(k_head, v_head, phys, slot, ok, offs_d, stride_kp, stride_ks, stride_kd, stride_vp,
+                        stride_vs, stride_vd)
+        phys, slot, n_pos, n_ok = _tile_addresses(idx_row, table_row, start + BLOCK_N + offs_n, end, seq_len,
+                                                  table_width, stride_ik, stride_tp, PAGE_SIZE, PAGES)
+        for s in range(start, end, BLOCK_N):
+            n_k, n_v = _load_kv(k_head, v_head, phys, slot, n_ok, offs_d, stride_kp, stride_ks, stride_kd,
+                                stride_vp, stride_vs, stride_vd)
+            phys, slot, nn_pos, nn_ok = _tile_addresses(idx_row, table_row, s + 2 * BLOCK_N + offs_n, end,
+                                                        seq_len, table_width, stride_ik, stride_tp, PAGE_SIZE,
+                                                        PAGES)
+            acc, l_i, m_i, poison = _attend(acc, l_i, m_i, poison, q, k, v, pos, ok, qpos, qk_scale, CAUSAL,
+                                            DOT_PRECISION, UPCAST_DOT)
+            k, v, pos, ok, n_pos, n_ok = n_k, n_v, n_pos, n_ok, nn_pos, nn_ok
+    return acc, l_i, m_i, poison
 
 
 @triton.jit
@@ -98,6 +167,7 @@ def _decode_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, HAS_PAGES: tl.constexpr, HAS_TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
     SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -137,45 +207,28 @@ def _decode_fwd(
             ok = pos < s1
             lp = pos // PAGE_SIZE
             phys = tl.load(table_row + lp.to(tl.int64) * stride_tp, mask=ok, other=0)
-            acc, l_i, m_i, poison = _gather_attend(
-                acc, l_i, m_i, poison, q, k_head, v_head, phys, pos - lp * PAGE_SIZE, pos, ok, offs_d, qpos,
-                qk_scale, stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
-                CAUSAL, DOT_PRECISION, UPCAST_DOT)
+            k, v = _load_kv(k_head, v_head, phys, pos - lp * PAGE_SIZE, ok, offs_d, stride_kp, stride_ks, stride_kd,
+                            stride_vp, stride_vs, stride_vd)
+            acc, l_i, m_i, poison = _attend(acc, l_i, m_i, poison, q, k, v, pos, ok, qpos, qk_scale, CAUSAL,
+                                            DOT_PRECISION, UPCAST_DOT)
     if HAS_PAGES:
         p_count = tl.load(PCounts + b64 * stride_pcb + hk64 * stride_pch)
-        p_row = PIdx + b64 * stride_pib + hk64 * stride_pih
         e0 = split * pages_per_split
         e1 = tl.minimum(e0 + pages_per_split, p_count)
-        s1 = e1 * PAGE_SIZE
-        for s in range(e0 * PAGE_SIZE, s1, BLOCK_N):
-            offs = s + offs_n
-            in_range = offs < s1  # never into the next split's range
-            entry = offs // PAGE_SIZE
-            slot = offs - entry * PAGE_SIZE
-            lp = tl.load(p_row + entry.to(tl.int64) * stride_pik, mask=in_range, other=0)
-            pos = lp * PAGE_SIZE + slot
-            ok = in_range & (lp >= 0) & (lp < table_width) & (pos < seq_len)
-            phys = tl.load(table_row + lp.to(tl.int64) * stride_tp, mask=ok, other=0)
-            acc, l_i, m_i, poison = _gather_attend(
-                acc, l_i, m_i, poison, q, k_head, v_head, phys, slot, pos, ok, offs_d, qpos, qk_scale,
-                stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, CAUSAL, DOT_PRECISION,
-                UPCAST_DOT)
+        acc, l_i, m_i, poison = _walk_selection(
+            acc, l_i, m_i, poison, q, k_head, v_head, PIdx + b64 * stride_pib + hk64 * stride_pih, table_row,
+            e0 * PAGE_SIZE, e1 * PAGE_SIZE, seq_len, table_width, offs_n, offs_d, qpos, qk_scale, stride_pik,
+            stride_tp, stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
+            PAGE_SIZE, BLOCK_N, True, PREFETCH, CAUSAL, DOT_PRECISION, UPCAST_DOT)
     if HAS_TOKENS:
         t_count = tl.load(TCounts + b64 * stride_tcb + hk64 * stride_tch)
-        t_row = TIdx + b64 * stride_tib + hk64 * stride_tih
         t0 = split * tokens_per_split
         t1 = tl.minimum(t0 + tokens_per_split, t_count)
-        for s in range(t0, t1, BLOCK_N):
-            offs = s + offs_n
-            in_range = offs < t1
-            pos = tl.load(t_row + offs.to(tl.int64) * stride_tik, mask=in_range, other=0)
-            ok = in_range & (pos >= 0) & (pos < seq_len)
-            lp = pos // PAGE_SIZE
-            phys = tl.load(table_row + lp.to(tl.int64) * stride_tp, mask=ok, other=0)
-            acc, l_i, m_i, poison = _gather_attend(
-                acc, l_i, m_i, poison, q, k_head, v_head, phys, pos - lp * PAGE_SIZE, pos, ok, offs_d, qpos,
-                qk_scale, stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, CAUSAL,
-                DOT_PRECISION, UPCAST_DOT)
+        acc, l_i, m_i, poison = _walk_selection(
+            acc, l_i, m_i, poison, q, k_head, v_head, TIdx + b64 * stride_tib + hk64 * stride_tih, table_row,
+            t0, t1, seq_len, table_width, offs_n, offs_d, qpos, qk_scale, stride_tik,
+            stride_tp, stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
+            PAGE_SIZE, BLOCK_N, False, PREFETCH, CAUSAL, DOT_PRECISION, UPCAST_DOT)
 
     has_mass = l_i > 0.0
     out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
@@ -327,7 +380,8 @@ def decode_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
     if B == 0 or Lq == 0:
         return (out, lse) if return_lse else out
 
-    block_n, num_warps, num_stages = config or default_config(D, q.dtype, sparse=not dense)
+    block_n, num_warps, num_stages, *rest = config or default_config(D, q.dtype, sparse=not dense)
+    prefetch = int(rest[0]) if rest else 0
     rows = G * Lq
     block_m = min(max(16, _pow2_at_least(rows)), MAX_BLOCK_M)
     row_tiles = triton.cdiv(rows, block_m)
@@ -379,7 +433,7 @@ def decode_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
         PAGE_SIZE=page_size, GROUP=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
         DENSE=dense, HAS_PAGES=has_pages, HAS_TOKENS=has_tokens, CAUSAL=Lq > 1,
         SPLIT=split, RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot,
-        num_warps=num_warps, num_stages=num_stages,
+        PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
     )
     if split:
         _merge_splits[(B * Hq * Lq,)](
