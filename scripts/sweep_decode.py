@@ -60,7 +60,7 @@ for shape, L, B in itertools.product(args.shapes.split(","), map(int, args.conte
         width = n_pages * 16 if case == "dense" else args.budget
         rows = (Hq // Hkv)
         auto = dt.choose_num_splits(B * Hkv * math.ceil(rows / max(16, rows)), width, q.device,
-                                    sparse=case != "dense")
+                                    sparse=case != "dense", head_dim=D)
         results = []
         configs = ([tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")] if args.configs
                    else list(itertools.product((32, 64, 128), (2, 4, 8), (2, 3))))

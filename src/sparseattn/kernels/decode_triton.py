@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import triton_interpreting
+from .dispatch import dependent_launch, pdl_kwargs, triton_interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -167,8 +167,11 @@ def _decode_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, HAS_PAGES: tl.constexpr, HAS_TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
     SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # launched before the selection kernel finished: wait for its writes, let the merge launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(0)
     bh = tl.program_id(1)
     mt = tl.program_id(2)
@@ -256,9 +259,12 @@ def _merge_splits(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
     num_heads, q_len, num_splits,
-    HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, RETURN_LSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, RETURN_LSE: tl.constexpr, PDL: tl.constexpr,
 ):
     """One query row: ``lse = logsumexp_s lse_s``, ``o = sum_s exp(lse_s - lse) o_s`` (0 / -inf if empty)."""
+    if PDL:  # scheduled while the split kernel runs: wait for its partials
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     b = row // (num_heads * q_len)
     rem = row % (num_heads * q_len)
@@ -293,8 +299,10 @@ _CONFIGS_16BIT = {16: (64, 4, 2), 32: (64, 4, 2), 64: (128, 2, 3), 128: (128, 4,
 # Selections (pages / tokens, not dense) are short walks of gathered pages: smaller key tiles and
 # more, shorter splits. H100, scripts/sweep_decode.py --cases pages (2048 random tokens, 128K,
 # 2026-11-23): 32/8/128 B=1 10.2 -> 8.9 us with (32, 4, 2) at 64 splits, B=8 38.1 -> 36.4 us;
-# 9/3/64 B=1 8.0 -> 6.0 us.
-_SPARSE_CONFIGS_16BIT = {64: (32, 4, 2), 128: (32, 4, 2)}
+# 9/3/64 B=1 8.0 -> 6.0 us. The 4th field is the walk's prefetch (see ``_walk_selection``): same
+# sweep with prefetch (session 6): 32/8/128 B=8 35.7 -> 33.7 us with (32, 4, 2, 1), B=1 unchanged
+# (8.7-9.0 us); 9/3/64 B=8 10.0 -> 9.8 us with (32, 4, 1, 1) at 44 splits.
+_SPARSE_CONFIGS_16BIT = {64: (32, 4, 1, 1), 128: (32, 4, 2, 1)}
 _CONFIGS_FP32 = {16: (32, 4, 2), 32: (32, 4, 2), 64: (32, 4, 2), 128: (32, 4, 2), 256: (16, 4, 1)}
 # The interpreter runs tiles as numpy arrays: small tiles that span two 16-token pages.
 _CONFIG_INTERPRET = (32, 4, 1)
@@ -308,6 +316,9 @@ MIN_TOKENS_PER_SPLIT_SPARSE = 32  # one 32-token tile per split at B=1 (the swee
 # count that spills a few programs into one more wave costs ~10 % (32/8/128 B=8 128K: 8 splits
 # 1.41 ms, 17 splits 1.57 ms, SDPA 1.39 ms).
 PROGRAMS_PER_SM = 4
+# Selections at D=64 are light programs: the same sweep found twice as many best (9/3/64 B=8:
+# 44 splits 10.0 us, 22 splits 10.6 us); D=128 keeps 4 per SM (8 splits 35.7 us, 16 splits slower).
+SPARSE_PROGRAMS_PER_SM = {64: 8}
 MIN_TOKENS_PER_SPLIT_INTERPRET = 32
 INTERPRET_TARGET_PROGRAMS = 16
 
@@ -332,7 +343,8 @@ def _pow2_at_least(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def choose_num_splits(programs: int, stream_tokens: int, device: torch.device, sparse: bool = False) -> int:
+def choose_num_splits(programs: int, stream_tokens: int, device: torch.device, sparse: bool = False,
+                      head_dim: int = 128) -> int:
     """Splits per (batch, KV head, row tile): enough programs to fill the GPU, each with real work.
 
     Depends on shapes only (selection widths, never counts), so it costs no host sync.
@@ -340,7 +352,8 @@ def choose_num_splits(programs: int, stream_tokens: int, device: torch.device, s
     if triton_interpreting() or device.type != "cuda":
         target, min_tokens = INTERPRET_TARGET_PROGRAMS, MIN_TOKENS_PER_SPLIT_INTERPRET
     else:
-        target = PROGRAMS_PER_SM * _sm_count(device.index)
+        per_sm = SPARSE_PROGRAMS_PER_SM.get(head_dim, PROGRAMS_PER_SM) if sparse else PROGRAMS_PER_SM
+        target = per_sm * _sm_count(device.index)
         min_tokens = MIN_TOKENS_PER_SPLIT_SPARSE if sparse else MIN_TOKENS_PER_SPLIT
     by_occupancy = max(1, target // max(programs, 1))
     by_work = max(1, stream_tokens // min_tokens)
@@ -367,7 +380,7 @@ def decode_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
 
     Same arguments as :func:`sparseattn.kernels.decode_reference.decode_attention_reference`,
     plus ``num_splits`` (default: chosen from the shapes), ``config = (BLOCK_N, num_warps,
-    num_stages)`` and ``out`` (tests hand in a poisoned buffer).
+    num_stages[, prefetch])`` and ``out`` (tests hand in a poisoned buffer).
     """
     B, Hq, Lq, D = q.shape
     Hkv = k_pages.shape[1]
@@ -391,7 +404,7 @@ def decode_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
     width_tokens = tokens.shape[-1] if tokens is not None else 0
     if num_splits is None:
         num_splits = choose_num_splits(B * Hkv * row_tiles, width_pages * page_size + width_tokens, q.device,
-                                       sparse=not dense)
+                                       sparse=not dense, head_dim=D)
     num_splits = max(1, int(num_splits))
     pages_per_split = max(1, triton.cdiv(width_pages, num_splits))
     if block_n % page_size == 0:  # whole tiles per split
@@ -419,6 +432,7 @@ def decode_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
     part_o = o_part.stride() if split else (0, 0, 0, 0, 0)
     part_l = l_part.stride() if split else (0, 0, 0, 0)
 
+    pdl = dependent_launch(q.device)
     grid = (num_splits, B * Hkv, row_tiles)
     _decode_fwd[grid](
         q, k_pages, v_pages, page_table, lengths,
@@ -433,14 +447,14 @@ def decode_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
         PAGE_SIZE=page_size, GROUP=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
         DENSE=dense, HAS_PAGES=has_pages, HAS_TOKENS=has_tokens, CAUSAL=Lq > 1,
         SPLIT=split, RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot,
-        PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
+        PREFETCH=prefetch, PDL=pdl, num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     if split:
         _merge_splits[(B * Hq * Lq,)](
             o_part, l_part, out, lse,
             *o_part.stride(), *l_part.stride(), *out.stride(), *lse_strides,
             Hq, Lq, num_splits,
-            HEAD_DIM=D, SPLITS=_pow2_at_least(num_splits), RETURN_LSE=return_lse,
-            num_warps=1 if D <= 64 else 2,
+            HEAD_DIM=D, SPLITS=_pow2_at_least(num_splits), RETURN_LSE=return_lse, PDL=pdl,
+            num_warps=1 if D <= 64 else 2, **pdl_kwargs(pdl),
         )
     return (out, lse) if return_lse else out

@@ -62,6 +62,25 @@ def _environment_reason(device_type: str, device_index: Optional[int], interpret
     return None
 
 
+def dependent_launch(device: torch.device) -> bool:
+    """Launch decode-step kernels with programmatic dependent launch (PDL)?
+
+    On Hopper and later a kernel launched this way may start (be scheduled, run its prologue) while
+    the kernel before it in the stream finishes; the kernel waits (``griddepcontrol.wait``) before
+    it reads anything, and kernels that feed it signal early (``griddepcontrol.launch_dependents``),
+    so a step of several small dependent kernels loses less time between them. CUDA graphs keep
+    these edges. ``SPARSEATTN_PDL=0`` turns it off (for comparisons).
+    """
+    if device.type != "cuda" or triton_interpreting() or os.environ.get("SPARSEATTN_PDL", "1") == "0":
+        return False
+    return device_capability(device.index) >= (9, 0)
+
+
+def pdl_kwargs(enabled: bool) -> dict:
+    """Launch options for a kernel taking part in dependent launch (none when it does not)."""
+    return {"launch_pdl": True} if enabled else {}
+
+
 def triton_input_reason(q: torch.Tensor, plan: Optional[BlockPlan]) -> Optional[str]:
     """Why these (valid) inputs are not supported by the Triton kernel, or None."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):

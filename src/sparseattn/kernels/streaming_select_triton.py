@@ -13,10 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import dependent_launch, pdl_kwargs
+
 
 @triton.jit
 def _streaming_select(Lengths, PageCounts, Pages, TokenCounts, Tokens, q_len, sink, window, width_pages,
-                      width_tokens, PAGE_SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr):
+                      width_tokens, PAGE_SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                      PDL: tl.constexpr):
+    if PDL:  # the decode kernel that reads this selection may be scheduled now; it waits for our writes
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     n = tl.load(Lengths + b).to(tl.int64)
     ws = tl.maximum(n - q_len - window + 1, 0)  # first position of the window
@@ -57,8 +63,10 @@ def streaming_select_triton(lengths: torch.Tensor, *, q_len: int, sink: int, win
     token_counts = torch.empty(B, 1, dtype=torch.int32, device=dev)
     tokens = torch.empty(B, 1, max(width_tokens, 1), dtype=torch.int32, device=dev)
     if B:
+        pdl = dependent_launch(dev)
         _streaming_select[(B,)](lengths.contiguous(), page_counts, pages, token_counts, tokens, q_len, sink, window,
                                 width_pages, max(width_tokens, 1), PAGE_SIZE=page_size,
                                 BLOCK_P=min(1024, triton.next_power_of_2(width_pages)),
-                                BLOCK_T=min(1024, triton.next_power_of_2(max(width_tokens, 1))), num_warps=1)
+                                BLOCK_T=min(1024, triton.next_power_of_2(max(width_tokens, 1))), PDL=pdl,
+                                num_warps=1, **pdl_kwargs(pdl))
     return page_counts, pages, token_counts, tokens[..., :width_tokens]
