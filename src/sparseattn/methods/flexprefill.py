@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -21,6 +22,17 @@ def _sqrt_js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     kl_p = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1)
     kl_q = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
     return torch.sqrt((0.5 * kl_p + 0.5 * kl_q).clamp(min=0))
+
+
+def _float32(x: float) -> float:
+    """``x`` rounded to the nearest float32."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _visible_rows(q_len: int, k_len: int, block: int) -> int:
+    """How many query blocks see at least one key (``visible_blocks(...).any(-1).sum()``): all but
+    those whose last query sits before key 0 (bottom-right alignment, ``q_len > k_len``)."""
+    return cdiv(q_len, block) - max(0, cdiv(q_len - k_len + 1, block) - 1)
 
 
 def _cover_count(x: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -98,28 +110,16 @@ class FlexPrefill(PrefillMethod):
         if Lk <= max(2 * bs, min_blocks * bs):
             return BlockPlan.dense(1, 1, **geo, causal=True, device=dev)
 
-        # 1. last-block attention and its vertical / slash profiles
+        # CUDA: the same steps in 12 launches (_plan_triton); below, the PyTorch code (CPU, the oracle).
         if use_triton_estimator(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
-            from ..kernels.last_queries_triton import last_queries_profiles_triton
-
-            # Both profiles in three launches, without the [B, Hq, P, Lk] softmax.
-            P = min(bs, Lq)
-            columns, diagonals = last_queries_profiles_triton(q, k, bs)
-            vertical, slash = columns / P, diagonals / P
-        else:
-            a = last_queries_attention(q, k, bs)  # [B, Hq, P, Lk]
-            P = a.shape[2]
-            vertical = a.mean(-2)  # [B, Hq, Lk]
-            slash = diagonal_sums(a) / P  # indexed by the key reached on the last row
+            return self._plan_triton(q, k, nK=nK, min_blocks=min_blocks, max_blocks=max_blocks)
+        # 1. last-block attention and its vertical / slash profiles
+        a = last_queries_attention(q, k, bs)  # [B, Hq, P, Lk]
+        P = a.shape[2]
+        vertical = a.mean(-2)  # [B, Hq, Lk]
+        slash = diagonal_sums(a) / P  # indexed by the key reached on the last row
         # 2. budgets in blocks
-        rows_triton = use_triton_estimator(q) and vertical.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        if rows_triton:
-            from ..kernels.row_select_triton import cover_count_triton, cumsum_mask_triton, rank_mask_triton
-
-            # Both profiles in one launch, one program per row, no sort and no cumsum over Lk.
-            tokens_v, tokens_s = cover_count_triton(torch.stack((vertical, slash)), self.gamma).unbind(0)
-        else:
-            tokens_v, tokens_s = _cover_count(vertical, self.gamma), _cover_count(slash, self.gamma)
+        tokens_v, tokens_s = _cover_count(vertical, self.gamma), _cover_count(slash, self.gamma)
         if self.legacy_budget:
             n_v, n_s = tokens_v // 128 + 1, tokens_s // 128 + 1
         else:
@@ -140,11 +140,8 @@ class FlexPrefill(PrefillMethod):
         inf = torch.full((), float("inf"), dtype=dt, device=dev)
         vertical_b[..., 0] = inf
         slash_b[..., nK - 1] = inf
-        if rows_triton:
-            keep_v, keep_s = rank_mask_triton(torch.stack((vertical_b, slash_b)), torch.stack((n_v, n_s))).unbind(0)
-        else:
-            keep_v = rank_mask(vertical_b, n_v)  # [B, Hq, nK]
-            keep_s = rank_mask(slash_b, n_s)
+        keep_v = rank_mask(vertical_b, n_v)  # [B, Hq, nK]
+        keep_s = rank_mask(slash_b, n_s)
         _, last = query_block_positions(nQ, bs, Lq, Lk, dev)
         diag = (last.clamp(min=0) // bs).view(-1, 1)  # [nQ, 1]
         n = torch.arange(nK, device=dev).view(1, -1)
@@ -162,13 +159,49 @@ class FlexPrefill(PrefillMethod):
         probs = torch.softmax((logits / math.sqrt(D)).masked_fill(~visible, float("-inf")), dim=-1)
         probs = torch.nan_to_num(probs, nan=0.0).view(B, Hq, nQ * nK)
         rows = visible.any(-1).sum()
-        if rows_triton:
-            # The same prefix of the descending order, found by bisection; heads that are not
-            # query-aware skip the search.
-            block_map = cumsum_mask_triton(probs, self.gamma * rows, active=query_aware).view(B, Hq, nQ, nK)
-        else:
-            values, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-            keep_sorted = torch.cumsum(values, -1) <= self.gamma * rows
-            block_map = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted).view(B, Hq, nQ, nK)
+        values, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        keep_sorted = torch.cumsum(values, -1) <= self.gamma * rows
+        block_map = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted).view(B, Hq, nQ, nK)
         mask = mask | (block_map & query_aware.view(B, Hq, 1, 1))
         return BlockPlan.from_block_mask(mask & visible, **geo, causal=True)
+
+    def _plan_triton(self, q, k, *, nK, min_blocks, max_blocks):
+        """The CUDA path: the PyTorch code's plan in 12 launches, no host sync.
+
+        Launches: the profiles (3); the pooled q and k, and the profiles stacked, in one; their
+        scaling (1: the same op as ``columns / P``, so the same bits: on CUDA PyTorch multiplies
+        by the scalar's reciprocal); the cover counts (2: ``gamma``'s fill and the kernel); the
+        per-head pattern test and budgets (1); the top vertical / slash blocks (1); the block
+        map's softmax (1, query-aware heads only), its cumulative selection (1); the plan rows (1).
+        """
+        from ..kernels.flexprefill_triton import (flexprefill_heads_triton, flexprefill_plan_triton,
+                                                  pool_blocks_triton, pooled_probs_triton)
+        from ..kernels.last_queries_triton import last_queries_profiles_triton
+        from ..kernels.row_select_triton import cover_count_triton, cumsum_mask_triton, rank_mask_triton
+
+        B, Hq, Lq, _ = q.shape
+        Lk, bs = k.shape[2], self.block_size
+        geo = dict(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk)
+        nQ = cdiv(Lq, bs)
+        # 1. profiles without the [B, Hq, P, Lk] softmax; [2, B, Hq, Lk] = (vertical, slash)
+        columns, diagonals = last_queries_profiles_triton(q, k, bs)
+        (q_pool, k_pool), profiles = pool_blocks_triton((q, k), bs, stack=(columns, diagonals))
+        profiles.div_(min(bs, Lq))
+        # 2-3. budgets (one program per row, no sort), pattern test, forced +inf blocks
+        tokens = cover_count_triton(profiles, self.gamma)  # [2, B, Hq]
+        # The PyTorch code's target gamma * rows is a float32 product (rows: the query blocks that
+        # see a key block, a function of the shapes: no sync); rounded here the same way.
+        target = _float32(_float32(self.gamma) * _visible_rows(Lq, Lk, bs))
+        blocks, n, query_aware, targets = flexprefill_heads_triton(
+            profiles, tokens, q, k_pool, block_size=bs, min_blocks=min_blocks, max_blocks=max_blocks,
+            legacy_budget=self.legacy_budget, tau=self.tau, target=target)
+        # 4. top vertical / slash blocks, both in one launch
+        keep = rank_mask_triton(blocks, n)  # [2, B, Hq, nK]
+        # 5. the block map of query-aware heads (the others skip both launches' work)
+        limits = BlockPlan.causal_block_limits(**geo, causal=True, device=q.device)
+        probs = pooled_probs_triton(q_pool, k_pool, limits, active=query_aware)
+        block_map = cumsum_mask_triton(probs.view(B, Hq, nQ * nK), targets, active=query_aware)
+        # 4-5. the union, clipped to the visible blocks and compacted into the plan's rows
+        counts, indices = flexprefill_plan_triton(keep, block_map, query_aware, limits, block_size=bs,
+                                                  q_len=Lq, k_len=Lk)
+        return BlockPlan(counts, indices, **geo)
