@@ -177,3 +177,16 @@ def expected_mask(rule, s, Lq, Lk):
     j = torch.arange(Lk).view(1, -1)
     pos = i + (Lk - Lq)
     return rule(s, i // s["block"], j // s["block"], pos, j)
+
+
+# ----------------------------------------------------------------------------- plan equality
+def fields(plan):
+    return [getattr(plan, n) for n in ("kv_counts", "kv_indices", "band_sink", "band_window", "extra_counts",
+                                       "extra_indices")]
+
+
+def assert_same_plan(a, b):
+    for x, y in zip(fields(a), fields(b)):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert torch.equal(x.cpu(), y.cpu())

@@ -26,6 +26,7 @@ from sparseattn.methods.base import (cdiv, diagonal_sums, forced_blocks, last_qu
 from sparseattn.plan import BlockPlan
 
 from ..conftest import requires_cuda, triton_importable
+from .cases import assert_same_plan
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="triton is not importable")
 
@@ -223,18 +224,6 @@ def test_visible_rows_and_target_rounding():
 
 
 # ----------------------------------------------------------------------------- whole plans
-def fields(plan):
-    return [getattr(plan, n) for n in ("kv_counts", "kv_indices", "band_sink", "band_window", "extra_counts",
-                                       "extra_indices")]
-
-
-def assert_same_plan(a, b):
-    for x, y in zip(fields(a), fields(b)):
-        assert (x is None) == (y is None)
-        if x is not None:
-            assert torch.equal(x.cpu(), y.cpu())
-
-
 PLAN_CASES = [
     # (B, Hq, Hkv, Lq, Lk, dtype, options, query-aware heads)
     (1, 2, 2, 700, 700, torch.float32, dict(block_size=64, tau=1.0, gamma=0.8), "all"),  # G = 1, 700 = 10 * 64 + 60

@@ -6,12 +6,7 @@ import torch
 from sparseattn.methods import get_method
 
 from ..conftest import requires_cuda
-from .cases import CASES, SHAPES, overrides, planted_qkv
-
-
-def fields(plan):
-    return [getattr(plan, n) for n in ("kv_counts", "kv_indices", "band_sink", "band_window", "extra_counts",
-                                       "extra_indices")]
+from .cases import CASES, SHAPES, fields, overrides, planted_qkv
 
 
 @requires_cuda

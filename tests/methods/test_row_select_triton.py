@@ -20,6 +20,7 @@ from sparseattn.methods.base import compact_rows, diagonal_sums, last_queries_at
 from sparseattn.methods.flexprefill import _cover_count
 
 from ..conftest import requires_cuda, triton_importable
+from .cases import assert_same_plan
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="triton is not importable")
 
@@ -259,18 +260,6 @@ def test_input_checks():
 
 
 # ----------------------------------------------------------------------------- plans
-def fields(plan):
-    return [getattr(plan, n) for n in ("kv_counts", "kv_indices", "band_sink", "band_window", "extra_counts",
-                                       "extra_indices")]
-
-
-def assert_same_plan(a, b):
-    for x, y in zip(fields(a), fields(b)):
-        assert (x is None) == (y is None)
-        if x is not None:
-            assert torch.equal(x.cpu(), y.cpu())
-
-
 def torch_profiles(q, k, n_last):
     """The PyTorch twin of last_queries_profiles_triton (that kernel has its own tests; here it is
     too slow for the interpreter and would blur which part a difference comes from)."""
