@@ -190,3 +190,14 @@ def assert_same_plan(a, b):
         assert (x is None) == (y is None)
         if x is not None:
             assert torch.equal(x.cpu(), y.cpu())
+
+
+def assert_triton_plan_equals_torch(module, method, q, k, v, monkeypatch):
+    """``method``'s Triton estimate (forced on, also in the interpreter) gives the PyTorch path's plan."""
+    monkeypatch.setattr(module, "use_triton_estimator", lambda x: False)
+    want = method._plan(q, k, v, causal=True, layer_idx=None)  # _plan: no CUDA-graph caching between the two
+    monkeypatch.setattr(module, "use_triton_estimator", lambda x: True)
+    got = method._plan(q, k, v, causal=True, layer_idx=None)
+    got.validate(causal=True)
+    assert_same_plan(got, want)
+    assert 0.0 < got.density() < 1.0

@@ -26,7 +26,7 @@ from sparseattn.methods.base import (cdiv, diagonal_sums, forced_blocks, last_qu
 from sparseattn.plan import BlockPlan
 
 from ..conftest import requires_cuda, triton_importable
-from .cases import assert_same_plan
+from .cases import assert_same_plan, assert_triton_plan_equals_torch
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="triton is not importable")
 
@@ -254,13 +254,7 @@ def test_plans_equal_the_pytorch_path(case, monkeypatch):
     n_aware = int((jsd < m.tau).sum())
     assert n_aware == {"all": B * Hq, "none": 0}.get(pattern, n_aware) and (pattern != "mix" or 0 < n_aware < B * Hq)
 
-    monkeypatch.setattr(fm, "use_triton_estimator", lambda x: False)
-    want = m._plan(q, k, v, causal=True, layer_idx=None)  # _plan: no CUDA-graph caching between the two
-    monkeypatch.setattr(fm, "use_triton_estimator", lambda x: True)
-    got = m._plan(q, k, v, causal=True, layer_idx=None)
-    got.validate(causal=True)
-    assert_same_plan(got, want)
-    assert 0.0 < got.density() < 1.0
+    assert_triton_plan_equals_torch(fm, m, q, k, v, monkeypatch)
 
 
 # ----------------------------------------------------------------------------- launches

@@ -20,7 +20,7 @@ from sparseattn.methods.base import compact_rows, diagonal_sums, last_queries_at
 from sparseattn.methods.flexprefill import _cover_count
 
 from ..conftest import requires_cuda, triton_importable
-from .cases import assert_same_plan
+from .cases import assert_same_plan, assert_triton_plan_equals_torch
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="triton is not importable")
 
@@ -284,13 +284,7 @@ def test_plans_equal_the_pytorch_path(case, monkeypatch):
     monkeypatch.setattr(last_queries_triton, "last_queries_profiles_triton", torch_profiles)
     q, k, v = structured_qkv(2, 6, 2, 1500 if case % 2 else 1100, 32, seed=case, device=DEVICE)
     m = get_method(name, **opts)
-    monkeypatch.setattr(module, "use_triton_estimator", lambda x: False)
-    want = m._plan(q, k, v, causal=True, layer_idx=None)  # _plan: no CUDA graph caching between the two
-    monkeypatch.setattr(module, "use_triton_estimator", lambda x: True)
-    got = m._plan(q, k, v, causal=True, layer_idx=None)
-    got.validate(causal=True)
-    assert_same_plan(got, want)
-    assert 0.0 < got.density() < 1.0
+    assert_triton_plan_equals_torch(module, m, q, k, v, monkeypatch)
 
 
 # ----------------------------------------------------------------------------- GPU twin
