@@ -202,6 +202,15 @@ def _block_sums(row, n, n_ok, Lk, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _est_logits(kp_row, q_mean, n, n_ok, offs_d, d_ok, sqrt_d, HEAD_DIM: tl.constexpr):
+    """``q_mean . k_pool[n] / sqrt(D)`` for a chunk of key blocks ``n`` (the pattern test's logits;
+    both passes of its softmax form them the same way, so the same bits)."""
+    kp = tl.load(kp_row + n.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
+                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    return tl.sum(kp * q_mean[None, :], 1) / sqrt_d
+
+
+@triton.jit
 def _heads(Prof, Tokens, Q, KPool, Blocks, NOut, QA, Target,
            stride_qb, stride_qh, stride_ql, stride_qd,
            pairs, Hq, group, Lq, Lk, nK, P, min_blocks, max_blocks, sqrt_d, tau, target,
@@ -231,9 +240,7 @@ def _heads(Prof, Tokens, Q, KPool, Blocks, NOut, QA, Target,
     for n0 in range(0, nK, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < nK
-        kp = tl.load(kp_row + n.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
-                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.where(n_ok, tl.sum(kp * q_mean[None, :], 1) / sqrt_d, float("-inf"))
+        s = tl.where(n_ok, _est_logits(kp_row, q_mean, n, n_ok, offs_d, d_ok, sqrt_d, HEAD_DIM), float("-inf"))
         m_new = tl.maximum(m_lane, s)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane past nK: stays 0
         l_lane = l_lane * tl.exp(m_lane - m_use) + tl.exp(s - m_use)
@@ -250,9 +257,7 @@ def _heads(Prof, Tokens, Q, KPool, Blocks, NOut, QA, Target,
     for n0 in range(0, nK, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < nK
-        kp = tl.load(kp_row + n.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
-                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.sum(kp * q_mean[None, :], 1) / sqrt_d
+        s = _est_logits(kp_row, q_mean, n, n_ok, offs_d, d_ok, sqrt_d, HEAD_DIM)
         p = tl.where(n_ok, tl.exp(s - m) / l, 0.0)
         vb = _block_sums(v_row, n, n_ok, Lk, BLOCK_SIZE, BLOCK_N, BLOCK_J)
         sb = _block_sums(s_row, n, n_ok, Lk, BLOCK_SIZE, BLOCK_N, BLOCK_J)
