@@ -113,6 +113,32 @@ def test_graphed_plan_equals_eager_and_follows_inputs(graphs_on, name):
     assert plans_equal(method.plan(q2, k2, v2, layer_idx=7), eager2) and len(graphs._graphs) == 1, name
 
 
+@requires_cuda
+@pytest.mark.parametrize("name", ["flexprefill", "block_topk", "vertical_slash"])
+def test_direct_graph_reads_the_callers_addresses(graphs_on, name):
+    # Inputs at the same addresses twice in a row: a direct graph (no input copies) is captured and
+    # replayed; it must follow new values written at those addresses and leave other addresses to
+    # the copy graph.
+    method = sa.get_method(name)
+    q1, k1, v1 = qkv(1, "cuda")
+    q2, k2, v2 = qkv(2, "cuda")
+    sa.set_estimator_graphs(False)
+    eager1, eager2 = method.plan(q1, k1, v1), method.plan(q2, k2, v2)
+    sa.set_estimator_graphs(True)
+    plans = [method.plan(q1, k1, v1) for _ in range(3)]  # eager, copy graph, direct graph
+    direct = [key for key in graphs._graphs if "direct" in key]
+    assert len(direct) == 1 and graphs._graphs[direct[0]].inputs is None, name
+    assert all(plans_equal(p, eager1) for p in plans), name
+    kept = graphs._copy_plan(plans[2])
+    q1.copy_(q2), k1.copy_(k2), v1.copy_(v2)  # new values at the same addresses
+    assert plans_equal(method.plan(q1, k1, v1), eager2), name
+    assert plans_equal(plans[2], kept), f"{name}: a direct replay changed a plan already returned"
+    q3, k3, v3 = (x.clone() for x in qkv(1, "cuda"))  # other addresses: the copy graph
+    assert plans_equal(method.plan(q3, k3, v3), eager1), name
+    assert len([key for key in graphs._graphs if "direct" in key]) == 1, name
+    assert plans_equal(method.plan(q1, k1, v1), eager2), name  # back at the first addresses: direct again
+
+
 class _SyncingMethod(PrefillMethod):
     name = "test_syncing"
 
