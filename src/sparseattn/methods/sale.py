@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from ..plan import BlockPlan
 from .base import (ESTIMATE_CHUNK_ELEMENTS, PerHead, PrefillMethod, cdiv, check_choice, check_float, check_int,
-                   check_per_head, forced_blocks, head_values, query_block_positions, visible_blocks)
+                   check_per_head, forced_blocks, head_values, query_block_positions, use_triton_estimator,
+                   visible_blocks)
 from .registry import register
 
 
@@ -67,9 +68,15 @@ class SALE(PrefillMethod):
     section 6). Estimation cost: ``Lq * Lk * D`` low-bit multiply-adds per query head (the method's
     own cost model: an element-wise estimate over the causal area) plus the anchor.
     Memory: query rows are processed in chunks of whole blocks near ``ESTIMATE_CHUNK_ELEMENTS``.
+
+    On CUDA (fp16 / bf16 / fp32 inputs) the same plan comes from Triton kernels
+    (``kernels/sale_triton.py``: the low-bit products on the tensor cores, no ``[L, L]`` tensor,
+    no host sync); it differs from the PyTorch code only where a pair's estimate is within float32
+    rounding of its row threshold.
     """
 
     name: ClassVar[str] = "sale"
+    reads_values: ClassVar[bool] = False  # the estimate reads q and k only
 
     block_size: int = 64
     threshold: PerHead = 0.004
@@ -101,6 +108,9 @@ class SALE(PrefillMethod):
         tau = head_values(self.threshold, name="threshold", heads=Hq, q_heads=Hq, kv_heads=Hkv, layer_idx=layer_idx,
                           device=dev, dtype=dt)
         log_tau = torch.log(tau).reshape(1, Hq, 1, 1)  # log(0) = -inf: everything passes
+        # CUDA: the same decisions in Triton kernels (_plan_triton); below, the PyTorch code (CPU, the oracle).
+        if use_triton_estimator(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            return self._plan_triton(q, k, tau=tau, log_tau=log_tau.reshape(Hq), causal=causal)
 
         # Smoothing and per-token quantization (step 1).
         qf, kf = q.to(dt), k.to(dt)
@@ -170,4 +180,24 @@ class SALE(PrefillMethod):
         keep = (torch.cat(keep, dim=2) | anchor | dense_head) & visible
         if self.gqa_policy == "group_union":
             keep = keep.reshape(B, Hkv, G, nQ, nK).any(2)
+        return BlockPlan.from_block_mask(keep, **geo, causal=causal)
+
+    def _plan_triton(self, q, k, *, tau, log_tau, causal):
+        """The CUDA path: the low-bit pass mask from ``sale_estimate_triton``, then the PyTorch
+        code's union with the anchor and dense heads, clipped to the visible blocks. No host sync."""
+        from ..kernels.sale_triton import sale_estimate_triton
+
+        B, Hq, Lq, _ = q.shape
+        Hkv, Lk = k.shape[1], k.shape[2]
+        bs, dev = self.block_size, q.device
+        geo = dict(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk)
+        lb = cdiv(self.local_window, bs)
+        dense = tau < 1e-5  # official: such a head is not sparsified
+        passed = sale_estimate_triton(q, k, log_tau, dense, block_size=bs, bits=self.bits, local_blocks=lb,
+                                      sink_blocks=self.sink_blocks, causal=causal)
+        visible = visible_blocks(**geo, causal=causal, device=dev)
+        anchor = forced_blocks(**geo, sink_blocks=self.sink_blocks, local_blocks=lb, diagonal=True, device=dev)
+        keep = (passed.view(torch.bool) | anchor | dense.reshape(1, Hq, 1, 1)) & visible
+        if self.gqa_policy == "group_union":
+            keep = keep.reshape(B, Hkv, Hq // Hkv, *keep.shape[2:]).any(2)
         return BlockPlan.from_block_mask(keep, **geo, causal=causal)
