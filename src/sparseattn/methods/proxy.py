@@ -10,7 +10,7 @@ import torch
 
 from ..plan import BlockPlan
 from .base import (ESTIMATE_CHUNK_ELEMENTS, PrefillMethod, cdiv, check_choice, check_float, check_int, forced_blocks,
-                   last_queries_attention, sum_pool_last, visible_blocks)
+                   last_queries_attention, sum_pool_last, use_triton_estimator, visible_blocks)
 from .registry import register
 
 
@@ -42,6 +42,10 @@ class ProxyAttn(PrefillMethod):
     Estimation cost: ``proxy_heads * (Lq / q_stride) * Lk * D`` for the proxies plus
     ``Hq * probe_q * Lk * D`` for the budget probe. Memory: proxy rows are processed in chunks of
     whole query blocks of about ``ESTIMATE_CHUNK_ELEMENTS`` scores.
+    On CUDA (fp16 / bf16 / fp32) the same plan comes from Triton kernels (``_plan_triton``,
+    kernels/proxy_triton.py): flash-style softmax block sums that never build the probabilities,
+    a sort-free cover count and top-n row selection, no host sync; equal up to float32 rounding
+    (a near-tie of two tile scores at a cut, or a budget's mass within rounding of ``gamma``).
 
     Defaults, all **[unverified]**: the official code (github.com/wyxstriker/ProxyAttn) is not in
     the reference store and the spec (/work/shared/specs/prefill-methods.md section 5) lists every
@@ -55,6 +59,7 @@ class ProxyAttn(PrefillMethod):
     """
 
     name: ClassVar[str] = "proxy"
+    reads_values: ClassVar[bool] = False  # the estimate reads q and k only
 
     block_size: int = 128
     proxy_heads: Optional[int] = None
@@ -162,6 +167,10 @@ class ProxyAttn(PrefillMethod):
         geo = dict(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk)
         nQ, nK = cdiv(Lq, bs), cdiv(Lk, bs)
         P = self._num_proxies(Hq, Hkv)
+        # CUDA: the same steps in 7 launches (_plan_triton; 4 for gamma = 1); below, the PyTorch
+        # code (CPU, the oracle).
+        if use_triton_estimator(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            return self._plan_triton(q, k, causal=causal)
         proxy = self.proxy_scores(q, k, causal=causal)  # [B, P, nQ, nK]
         visible = visible_blocks(**geo, causal=causal, device=dev)  # [nQ, nK]
         forced = forced_blocks(**geo, sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
@@ -178,4 +187,37 @@ class ProxyAttn(PrefillMethod):
         keep = (keep & cand) | forced
         if self.gqa_policy == "group_union":
             keep = keep.view(B, Hkv, Hq // Hkv, nQ, nK).any(2)
+        return BlockPlan.from_block_mask(keep, **geo, causal=causal)
+
+    def _plan_triton(self, q, k, *, causal):
+        """The CUDA path: the PyTorch code's plan without its [rows, Lk] softmaxes, sorts or host syncs.
+
+        Launches: the probe's block masses and gamma targets (2: ``probe_block_mass_triton``;
+        skipped for ``gamma = 1``), their cover counts (1: ``cover_count_triton``: the fewest
+        blocks reaching the target), the proxy scores written per query head as the selection's
+        input with the forced blocks at ``+inf`` and each (head, row)'s block count (2:
+        ``proxy_candidates_triton``), the top-n per row (1: ``rank_mask_triton``, ties to the
+        lower index as the stable sort), then ``any`` over KV groups for ``group_union`` and the
+        plan rows (``BlockPlan.from_block_mask``).
+        """
+        from ..kernels.proxy_triton import probe_block_mass_triton, proxy_candidates_triton
+        from ..kernels.row_select_triton import cover_count_triton, rank_mask_triton
+
+        B, Hq, Lq, _ = q.shape
+        Hkv, Lk = k.shape[1], k.shape[2]
+        bs = self.block_size
+        geo = dict(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk)
+        P = self._num_proxies(Hq, Hkv)
+        count = target = None  # gamma = 1: every head needs every block
+        if self.gamma < 1.0:
+            probe = bs if self.probe_q is None else self.probe_q
+            mass, target = probe_block_mass_triton(q, k, n_last=probe, block_size=bs, gamma=self.gamma)
+            count = cover_count_triton(mass, target)  # [B, Hq]: 1 + #(prefix sums < gamma * total)
+        scores, n = proxy_candidates_triton(q, k, proxies=P, head_pool=self.head_pool, block_size=bs,
+                                            q_stride=self.q_stride, causal=causal, sink_blocks=self.sink_blocks,
+                                            local_blocks=self.local_blocks, diagonal=self.keep_diagonal,
+                                            count=count, target=target)
+        keep = rank_mask_triton(scores, n)  # [B, Hq, nQ, nK]: forced visible + top candidates
+        if self.gqa_policy == "group_union":
+            keep = keep.view(B, Hkv, Hq // Hkv, *keep.shape[2:]).any(2)
         return BlockPlan.from_block_mask(keep, **geo, causal=causal)
