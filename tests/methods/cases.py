@@ -16,6 +16,7 @@ Overrides may be callables of the shape dict (for per-head fields).
 import math
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 BIG = 10 ** 6
 
@@ -201,3 +202,83 @@ def assert_triton_plan_equals_torch(module, method, q, k, v, monkeypatch):
     got.validate(causal=True)
     assert_same_plan(got, want)
     assert 0.0 < got.density() < 1.0
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the PyTorch ops that launch work (not views or allocations) and the Triton launches
+    (inside a launch nothing is counted: the interpreter runs tensor ops of its own)."""
+
+    FREE = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+            torch.ops.aten.empty_like.default, torch.ops.aten.lift_fresh.default}
+
+    def __init__(self):
+        super().__init__()
+        self.torch_ops, self.triton, self.in_launch = [], [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (self.in_launch or func.is_view or func in self.FREE):
+            self.torch_ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def launch(self, name, run, *args, **kwargs):
+        """``run(*args, **kwargs)`` counted as one launch named ``name`` (nothing inside it counts)."""
+        if not self.in_launch:
+            self.triton.append(name)
+        self.in_launch += 1
+        try:
+            return run(*args, **kwargs)
+        finally:
+            self.in_launch -= 1
+
+
+def count_launches(fn, monkeypatch, single=()):
+    """``(fn(), counter)`` with every Triton launch and PyTorch op ``fn`` makes counted
+    (:class:`LaunchCounter`); ``single``: ``(owner, attribute)`` pairs whose calls count as one
+    launch each (e.g. a helper that launches a kernel on CUDA and runs PyTorch ops on the CPU)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    counter = LaunchCounter()
+    for cls in (InterpretedFunction, JITFunction):
+        def counted(self, *args, _run=cls.run, **kwargs):
+            return counter.launch(getattr(self, "__name__", "?"), _run, self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "run", counted)
+    for owner, name in single:
+        original = getattr(owner, name)
+
+        def counted_call(*args, _run=original, _name=name, **kwargs):
+            return counter.launch(_name, _run, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted_call)
+    with counter:
+        out = fn()
+    return out, counter
+
+
+def plan_without_sync(method, q, k, v):
+    """``method._plan(q, k, v)`` on CUDA after a warm-up call, with host syncs turned into errors;
+    the plan, validated."""
+    method._plan(q, k, v, causal=True, layer_idx=None)  # warm-up (compiles, caches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        plan = method._plan(q, k, v, causal=True, layer_idx=None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    plan.validate(causal=True)
+    return plan
+
+
+def replays_and_torch_plan(method, q, k, v, plan):
+    """Checks that ``method.plan`` gives ``plan`` eagerly, at its graph capture and at a replay;
+    returns the PyTorch path's plan of the same inputs (``SPARSEATTN_ESTIMATORS=torch``)."""
+    import os
+
+    for _ in range(3):  # eager, capture, replay
+        assert_same_plan(method.plan(q, k, v), plan)
+    os.environ["SPARSEATTN_ESTIMATORS"] = "torch"
+    try:
+        return method._plan(q, k, v, causal=True, layer_idx=None)
+    finally:
+        del os.environ["SPARSEATTN_ESTIMATORS"]

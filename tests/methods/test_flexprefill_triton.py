@@ -16,7 +16,6 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparseattn.bench.synthetic import structured_qkv
 from sparseattn.methods import flexprefill as fm
@@ -26,7 +25,8 @@ from sparseattn.methods.base import (cdiv, diagonal_sums, forced_blocks, last_qu
 from sparseattn.plan import BlockPlan
 
 from ..conftest import requires_cuda, triton_importable
-from .cases import assert_same_plan, assert_triton_plan_equals_torch
+from .cases import (assert_triton_plan_equals_torch, count_launches, plan_without_sync,
+                    replays_and_torch_plan)
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="triton is not importable")
 
@@ -258,43 +258,6 @@ def test_plans_equal_the_pytorch_path(case, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- launches
-class LaunchCounter(TorchDispatchMode):
-    """Counts the PyTorch ops that launch work (not views or allocations) and the Triton launches
-    (inside a launch nothing is counted: the interpreter runs tensor ops of its own)."""
-
-    FREE = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
-            torch.ops.aten.empty_like.default, torch.ops.aten.lift_fresh.default}
-
-    def __init__(self):
-        super().__init__()
-        self.torch_ops, self.triton, self.in_launch = [], [], 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not (self.in_launch or func.is_view or func in self.FREE):
-            self.torch_ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def count_launches(fn, monkeypatch):
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    counter = LaunchCounter()
-    for cls in (InterpretedFunction, JITFunction):
-        def counted(self, *args, _run=cls.run, **kwargs):
-            counter.triton.append(getattr(self, "__name__", "?"))
-            counter.in_launch += 1
-            try:
-                return _run(self, *args, **kwargs)
-            finally:
-                counter.in_launch -= 1
-
-        monkeypatch.setattr(cls, "run", counted)
-    with counter:
-        out = fn()
-    return out, counter
-
-
 def test_launches_cpu_twin(monkeypatch):
     """The fused path's launches, counted: 10 Triton kernels and 2 PyTorch ops (the profiles'
     scaling and the cover count's gamma fill). The CUDA twin counts real kernels at 32K."""
@@ -319,27 +282,12 @@ def test_cuda_plan_at_32k():
     q, k, v = structured_qkv(1, 9, 3, 32768, 64, seed=0, device="cuda", dtype=torch.bfloat16)
     for opts in ({}, {"tau": 1.0}):
         m = get_method("flexprefill", **opts)
-        m._plan(q, k, v, causal=True, layer_idx=None)  # warm-up (compiles, caches)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            plan = m._plan(q, k, v, causal=True, layer_idx=None)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        plan.validate(causal=True)
+        plan = plan_without_sync(m, q, k, v)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             m._plan(q, k, v, causal=True, layer_idx=None)
             torch.cuda.synchronize()
         kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
         assert len(kernels) <= 12, kernels
-        for _ in range(3):  # eager, capture, replay
-            assert_same_plan(m.plan(q, k, v), plan)
-        import os
-
-        os.environ["SPARSEATTN_ESTIMATORS"] = "torch"
-        try:
-            want = m._plan(q, k, v, causal=True, layer_idx=None)
-        finally:
-            del os.environ["SPARSEATTN_ESTIMATORS"]
+        want = replays_and_torch_plan(m, q, k, v, plan)
         a, b = plan.block_mask(), want.block_mask()
         assert (a != b).sum() <= 1e-3 * b.sum(), opts

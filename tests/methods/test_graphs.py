@@ -90,15 +90,20 @@ def test_copy_plan_is_independent():
 
 
 # ----------------------------------------------------------------------------- GPU
+def two_inputs_with_eager_plans(method):
+    """Two CUDA inputs and ``method``'s eager plans of them (graphs off for those, on after)."""
+    x1, x2 = qkv(1, "cuda"), qkv(2, "cuda")
+    sa.set_estimator_graphs(False)
+    eager1, eager2 = method.plan(*x1), method.plan(*x2)
+    sa.set_estimator_graphs(True)
+    return x1, x2, eager1, eager2
+
+
 @requires_cuda
 @pytest.mark.parametrize("name", GRAPHED)
 def test_graphed_plan_equals_eager_and_follows_inputs(graphs_on, name):
     method = sa.get_method(name)
-    q1, k1, v1 = qkv(1, "cuda")
-    q2, k2, v2 = qkv(2, "cuda")
-    sa.set_estimator_graphs(False)
-    eager1, eager2 = method.plan(q1, k1, v1), method.plan(q2, k2, v2)
-    sa.set_estimator_graphs(True)
+    (q1, k1, v1), (q2, k2, v2), eager1, eager2 = two_inputs_with_eager_plans(method)
     first = method.plan(q1, k1, v1)  # eager (first sight of the key)
     assert list(graphs._graphs.values()) == [graphs._SEEN], name
     second = method.plan(q1, k1, v1)  # captures, replays
@@ -120,11 +125,7 @@ def test_direct_graph_reads_the_callers_addresses(graphs_on, name):
     # replayed; it must follow new values written at those addresses and leave other addresses to
     # the copy graph.
     method = sa.get_method(name)
-    q1, k1, v1 = qkv(1, "cuda")
-    q2, k2, v2 = qkv(2, "cuda")
-    sa.set_estimator_graphs(False)
-    eager1, eager2 = method.plan(q1, k1, v1), method.plan(q2, k2, v2)
-    sa.set_estimator_graphs(True)
+    (q1, k1, v1), (q2, k2, v2), eager1, eager2 = two_inputs_with_eager_plans(method)
     plans = [method.plan(q1, k1, v1) for _ in range(3)]  # eager, copy graph, direct graph
     direct = [key for key in graphs._graphs if "direct" in key]
     assert len(direct) == 1 and graphs._graphs[direct[0]].inputs is None, name

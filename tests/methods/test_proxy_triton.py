@@ -13,11 +13,9 @@ Without CUDA the kernels run in the Triton interpreter on CPU tensors (conftest.
 """
 
 import math
-import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparseattn.bench.synthetic import structured_qkv
 from sparseattn.methods import get_method
@@ -26,7 +24,7 @@ from sparseattn.methods.base import cdiv, forced_blocks, last_queries_attention,
 from sparseattn.plan import BlockPlan
 
 from ..conftest import requires_cuda, triton_importable
-from .cases import assert_same_plan
+from .cases import assert_same_plan, count_launches, plan_without_sync, replays_and_torch_plan
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="triton is not importable")
 
@@ -319,62 +317,18 @@ def test_plans_equal_the_pytorch_path(case, monkeypatch):
     assert d == 1.0 if m.gamma == 1 else 0.0 < d < 1.0
 
 
-class LaunchCounter(TorchDispatchMode):
-    """Counts the PyTorch ops that launch work (not views or allocations) and the Triton launches
-    (inside a launch nothing is counted: the interpreter runs tensor ops of its own)."""
-
-    FREE = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
-            torch.ops.aten.empty_like.default, torch.ops.aten.lift_fresh.default}
-
-    def __init__(self):
-        super().__init__()
-        self.torch_ops, self.triton, self.in_launch = [], [], 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not (self.in_launch or func.is_view or func in self.FREE):
-            self.torch_ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_launches_cpu_twin(monkeypatch):
     """The whole estimate is 7 Triton launches (probe 2, cover count, candidates 2, top-n, plan
     rows) and no PyTorch op; 4 for gamma = 1 (no probe, no cover count). The CUDA test checks syncs
     and graphs."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    counter = LaunchCounter()
-    for cls in (InterpretedFunction, JITFunction):
-        def counted(self, *args, _run=cls.run, **kwargs):
-            if not counter.in_launch:  # on CUDA from_block_mask's own compaction kernel is its launch
-                counter.triton.append(getattr(self, "__name__", "?"))
-            counter.in_launch += 1
-            try:
-                return _run(self, *args, **kwargs)
-            finally:
-                counter.in_launch -= 1
-
-        monkeypatch.setattr(cls, "run", counted)
-    # The plan rows: one compaction launch on CUDA (kernels/plan_triton.py), PyTorch ops on the CPU.
-    from_block_mask = BlockPlan.from_block_mask
-
-    def compaction(*args, **kwargs):
-        counter.triton.append("from_block_mask")
-        counter.in_launch += 1
-        try:
-            return from_block_mask(*args, **kwargs)
-        finally:
-            counter.in_launch -= 1
-
-    monkeypatch.setattr(BlockPlan, "from_block_mask", compaction)
     q, k, v = structured(1, 4, 2, 200, 200, 16, torch.bfloat16, seed=3)
     monkeypatch.setattr(pm, "use_triton_estimator", lambda x: True)
     BlockPlan.causal_block_limits(block_q=32, block_k=32, q_len=200, k_len=200, device=q.device)  # cached
     for gamma, launches in ((0.9, 7), (1.0, 4)):
-        counter.triton.clear()
         m = get_method("proxy", block_size=32, gamma=gamma)
-        with counter:
-            plan = m._plan(q, k, v, causal=True, layer_idx=None)
+        # The plan rows: one compaction launch on CUDA (kernels/plan_triton.py), PyTorch ops on the CPU.
+        plan, counter = count_launches(lambda: m._plan(q, k, v, causal=True, layer_idx=None), monkeypatch,
+                                       single=[(BlockPlan, "from_block_mask")])
         plan.validate(causal=True)
         assert len(counter.triton) == launches, counter.triton
         assert counter.torch_ops == [], counter.torch_ops
@@ -419,21 +373,8 @@ def test_cuda_plan_at_32k():
     q, k, v = structured_qkv(1, 9, 3, 32768, 64, seed=0, device="cuda", dtype=torch.bfloat16)
     for opts in ({}, {"head_pool": "max", "gamma": 0.95}):
         m = get_method("proxy", **opts)
-        m._plan(q, k, v, causal=True, layer_idx=None)  # warm-up (compiles, caches)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            plan = m._plan(q, k, v, causal=True, layer_idx=None)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        plan.validate(causal=True)
-        for _ in range(3):  # eager, capture, replay
-            assert_same_plan(m.plan(q, k, v), plan)
-        os.environ["SPARSEATTN_ESTIMATORS"] = "torch"
-        try:
-            want = m._plan(q, k, v, causal=True, layer_idx=None)
-        finally:
-            del os.environ["SPARSEATTN_ESTIMATORS"]
+        plan = plan_without_sync(m, q, k, v)
+        want = replays_and_torch_plan(m, q, k, v, plan)
         a, b = plan.block_mask(), want.block_mask()
         assert (a != b).sum() <= 1e-3 * b.sum(), opts
         assert unexplained_differences(m, q, k, plan, want) == 0, opts
