@@ -160,6 +160,24 @@ def test_single_key_with_very_negative_logit_gets_weight_one(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Lq,Lk", [(300, 300), (200, 331)])
+def test_many_extra_columns(backend, Lq, Lk):
+    # Up to 90 extra columns per row: several whole tiles of columns every row of the tile sees
+    # (the kernel's unmasked extra steps), then a partial tile and columns cut by the causal edge
+    # or in the future (its masked steps).
+    from .plans import with_extra_columns
+
+    B, Hq, Hkv, D = 1, 4, 2, 32
+    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, LOW_PRECISION, DEVICE, seed=5)
+    plan = with_extra_columns(random_plan(B, Hkv, Lq, Lk, 32, 32, density=0.2, seed=5, device=DEVICE), n_cols=90,
+                              seed=5)
+    assert int(plan.extra_counts.max()) == 90
+    out, lse = block_sparse_attention(q, k, v, plan, backend=backend, return_lse=True)
+    ref, ref_lse, pt = references(q, k, v, plan, causal=True)
+    assert_tolerance(out, lse, ref, ref_lse, pt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     B, L, Hq, Hkv, D = 1, 140, 4, 2, 32
     g = torch.Generator().manual_seed(3)

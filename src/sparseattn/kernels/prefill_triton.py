@@ -6,7 +6,8 @@ Tiers: ``_block_sparse_fwd`` (the ``@triton.jit`` kernel) -> ``_launch`` (grid, 
 One program computes ``BLOCK_M`` query rows of one (batch, query head). It walks only the key
 blocks the plan lists for that query block, in two phases: blocks that every row of the tile sees
 completely (no masking at all) and then the few blocks that need an element mask (causal
-diagonal, key tail, band edges), followed by the plan's extra key columns. Softmax runs online in
+diagonal, key tail, band edges), followed by the plan's extra key columns (gathered; whole tiles
+of columns every row sees without masks, the rest with them). Softmax runs online in
 base 2 with fp32 accumulators. Every offset that scales with sequence length is 64-bit.
 """
 
@@ -123,6 +124,39 @@ def _walk_blocks(acc, l_i, m_i, poison, q, K, V, k_base, v_base, kv_row0, idx_ro
 
 
 @triton.jit
+def _walk_extras(acc, l_i, m_i, poison, q, k_base, v_base, e_row, stride_ek, e_begin, e_end, offs_tile_n, offs_d,
+                 pos_m, k_len, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EXTRA_STAGES: tl.constexpr):
+    """Attend the extra key columns at list positions [e_begin, e_end), BLOCK_N per step.
+
+    The next step's column indices are loaded one step ahead, so the K/V gathers of a step never
+    wait on an index load issued in the same step. Unmasked (MASKED False): every position in the
+    range is a column below k_len that every row of the tile sees, in whole tiles.
+    """
+    offs_e = e_begin + offs_tile_n
+    cols_next = tl.load(e_row + offs_e * stride_ek, mask=offs_e < e_end, other=0)
+    for t in tl.range(e_begin, e_end, BLOCK_N, num_stages=EXTRA_STAGES):
+        cols = cols_next
+        offs_e = t + offs_tile_n
+        offs_after = offs_e + BLOCK_N
+        cols_next = tl.load(e_row + offs_after * stride_ek, mask=offs_after < e_end, other=0)
+        k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:
+            col_ok = (offs_e < e_end) & (cols < k_len)
+            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        else:
+            col_ok = offs_e < e_end  # all true
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        acc, l_i, m_i, poison = _attend_tile(acc, l_i, m_i, poison, q, k, v, cols, col_ok, pos_m, qk_scale,
+                                             0, 0, MASKED, CAUSAL, False, DOT_PRECISION, UPCAST_DOT)
+    return acc, l_i, m_i, poison
+
+
+@triton.jit
 def _block_sparse_fwd(
     Q, K, V, Out, Lse,
     Counts, Indices, BandSink, BandWindow, ExtraCounts, ExtraIndices,
@@ -141,7 +175,7 @@ def _block_sparse_fwd(
     PLAN_BLOCK_Q: tl.constexpr, PLAN_BLOCK_K: tl.constexpr,
     IS_DENSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BAND: tl.constexpr, HAS_EXTRA: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    USE_TMA: tl.constexpr, COUNT_CHUNK: tl.constexpr, GROUP_PACK: tl.constexpr,
+    USE_TMA: tl.constexpr, COUNT_CHUNK: tl.constexpr, GROUP_PACK: tl.constexpr, EXTRA_STAGES: tl.constexpr,
 ):
     # K, V are tensor descriptors over [B * Hkv * Lk, D] when USE_TMA, else the same as K_ptr, V_ptr.
     # GROUP_PACK > 1: one program holds the queries of GROUP_PACK heads of one GQA group (rows
@@ -258,20 +292,27 @@ def _block_sparse_fwd(
         offs_tile_n, offs_d, pos_m, k_len, qk_scale, sink, window, stride_kn, stride_kd, stride_vn, stride_vd,
         BLOCK_N, PLAN_BLOCK_K, IS_DENSE, True, CAUSAL, HAS_BAND, USE_TMA, DOT_PRECISION, UPCAST_DOT)
 
-    # Phase 3: token-level extra key columns (vertical lines), gathered BLOCK_N at a time.
+    # Phase 3: token-level extra key columns (vertical lines), gathered BLOCK_N at a time. The list
+    # is ascending, so the columns every row of the tile sees (< full_keys) form a prefix: its whole
+    # tiles run without element masks, the rest (a partial tile, columns cut by the causal edge or
+    # past k_len) with them.
     if HAS_EXTRA:
         e_count = tl.load(ExtraCounts + b64 * stride_cb + ph * stride_ch + m_plan * stride_cm)
         e_row = ExtraIndices + b64 * stride_eb + ph * stride_eh + m_plan.to(tl.int64) * stride_em
-        for t in range(0, e_count, BLOCK_N):
-            offs_e = t + offs_tile_n
-            cols = tl.load(e_row + offs_e * stride_ek, mask=offs_e < e_count, other=0)
-            col_ok = (offs_e < e_count) & (cols < k_len)
-            k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
-            v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
-            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-            acc, l_i, m_i, poison = _attend_tile(acc, l_i, m_i, poison, q, k, v, cols, col_ok, pos_m, qk_scale,
-                                                 0, 0, True, CAUSAL, False, DOT_PRECISION, UPCAST_DOT)
+        n_e_full = e_count * 0
+        for c in range(0, e_count, COUNT_CHUNK):
+            offs_c = c + tl.arange(0, COUNT_CHUNK)
+            cols = tl.load(e_row + offs_c * stride_ek, mask=offs_c < e_count, other=2147483647)
+            n_e_full += tl.sum((cols < full_keys).to(tl.int32))
+        e_split = (n_e_full // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i, poison = _walk_extras(
+            acc, l_i, m_i, poison, q, k_base, v_base, e_row, stride_ek, 0, e_split, offs_tile_n, offs_d, pos_m,
+            k_len, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, BLOCK_N, False, CAUSAL,
+            DOT_PRECISION, UPCAST_DOT, EXTRA_STAGES)
+        acc, l_i, m_i, poison = _walk_extras(
+            acc, l_i, m_i, poison, q, k_base, v_base, e_row, stride_ek, e_split, e_count, offs_tile_n, offs_d,
+            pos_m, k_len, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, BLOCK_N, True, CAUSAL,
+            DOT_PRECISION, UPCAST_DOT, EXTRA_STAGES)
 
     has_mass = l_i > 0.0
     out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
@@ -315,6 +356,12 @@ def default_config(head_dim: int, dtype: torch.dtype) -> tuple:
         return _CONFIGS_FP32[head_dim]
     return _CONFIGS_16BIT[head_dim]
 
+
+# Software-pipeline stages of the extra-column loops. H100, 2026-11-23, vertical-slash plans on
+# structured q/k (BENCHMARKS.md, prefill methods, session 8): 2 and 3 within
+# ~5 % of each other (3 ahead with ~1000 extras per row, 2 with ~300); 1 slower; prefetching the
+# next step's K/V into registers by hand slower than either.
+EXTRA_STAGES = 2
 
 # Building two TMA descriptors costs ~30 us of host time per call; below this much work
 # (B * Hq * Lq * Lk) the kernel is too short for TMA to pay that back.
@@ -428,7 +475,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
         PLAN_BLOCK_Q=plan_block_q, PLAN_BLOCK_K=plan_block_k,
         IS_DENSE=plan is None, CAUSAL=causal, HAS_BAND=has_band, HAS_EXTRA=has_extra,
         RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, USE_TMA=use_tma,
-        COUNT_CHUNK=128, GROUP_PACK=pack,
+        COUNT_CHUNK=128, GROUP_PACK=pack, EXTRA_STAGES=EXTRA_STAGES,
         num_warps=num_warps, num_stages=num_stages,
     )
     return (out, lse) if return_lse else out
