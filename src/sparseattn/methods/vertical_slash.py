@@ -117,6 +117,21 @@ class VerticalSlash(PrefillMethod):
             width = min(Lk, width * G)
         H = keep_cols.shape[1]
 
+        if rows_triton:
+            from ..kernels.vertical_slash_triton import vertical_slash_plan_triton
+
+            # One pass per row: the kept columns packed (ascending) and the diagonals' prefix counts.
+            if self.gqa_policy == "group_union":
+                keep_both = torch.stack((keep_cols, keep_diag))
+            n_cols, cols, prefix = compact_rows_triton(keep_both, None, width, prefix=True)
+            # One launch from the prefix counts and the columns to the plan's blocks and extras.
+            counts, indices, extra_counts, extra_indices = vertical_slash_plan_triton(
+                prefix[1], cols[0], n_cols[0], block_size=bs, q_len=Lq, k_len=Lk, width=width)
+            plan = BlockPlan(counts, indices, **geo)
+            if width == 0:
+                return plan
+            return replace(plan, extra_counts=extra_counts, extra_indices=extra_indices)
+
         # Diagonal distances o in [max(0, first(I) - end(n)), last(I) - start(n)] reach block n from
         # query block I; count kept ones with a prefix sum over t = Lk - 1 - o.
         first, last = query_block_positions(nQ, bs, Lq, Lk, dev)
@@ -127,14 +142,7 @@ class VerticalSlash(PrefillMethod):
         ok = o_lo <= o_hi
         t_lo = (Lk - 1 - o_hi).clamp(0, Lk - 1)
         t_hi = (Lk - 1 - o_lo).clamp(0, Lk - 1)
-        if rows_triton:
-            # One pass per row: the kept columns packed (ascending) and the diagonals' prefix counts.
-            if self.gqa_policy == "group_union":
-                keep_both = torch.stack((keep_cols, keep_diag))
-            n_cols, cols, prefix = compact_rows_triton(keep_both, None, width, prefix=True)
-            n_cols, cols, prefix = n_cols[0].unsqueeze(-1), cols[0], prefix[1]
-        else:
-            prefix = torch.nn.functional.pad(torch.cumsum(keep_diag, -1), (1, 0))  # [B, H, Lk + 1]
+        prefix = torch.nn.functional.pad(torch.cumsum(keep_diag, -1), (1, 0))  # [B, H, Lk + 1]
 
         def at(idx):
             return torch.gather(prefix, -1, idx.reshape(1, 1, -1).expand(B, H, -1)).view(B, H, nQ, nK)
@@ -145,15 +153,11 @@ class VerticalSlash(PrefillMethod):
             return plan
 
         # Kept columns, ascending, then per query block those visible and outside its kept blocks.
-        if not rows_triton:
-            _, cols = _compact(keep_cols, j.expand(B, H, Lk), width)  # [B, H, width]
-            n_cols = keep_cols.sum(-1, keepdim=True)
+        _, cols = _compact(keep_cols, j.expand(B, H, Lk), width)  # [B, H, width]
+        n_cols = keep_cols.sum(-1, keepdim=True)
         slot_ok = torch.arange(width, device=dev).view(1, 1, -1) < n_cols
         cols = cols.long()
         in_block = torch.gather(plan.block_mask(), -1, (cols // bs).unsqueeze(2).expand(B, H, nQ, width))
         cand = slot_ok.unsqueeze(2) & (cols.unsqueeze(2) <= last.view(1, 1, -1, 1)) & ~in_block
-        if rows_triton:
-            counts, extra = compact_rows_triton(cand, cols.unsqueeze(2), width)  # cols read in place per query block
-        else:
-            counts, extra = _compact(cand, cols.unsqueeze(2).expand(B, H, nQ, width), width)
+        counts, extra = _compact(cand, cols.unsqueeze(2).expand(B, H, nQ, width), width)
         return replace(plan, extra_counts=counts, extra_indices=extra)
