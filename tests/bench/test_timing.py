@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from sparseattn.bench.timing import BenchTimer
+from sparseattn.bench.timing import BenchTimer, keep_busy
 
 from ..conftest import requires_cuda
 
@@ -22,6 +22,32 @@ def test_cpu_mean_of_three_runs_after_a_warmup():
     assert len(calls) == 4 and timer.last["mode"] == "eager"
     assert 9.0 <= ms < 200.0
     assert timer.timed(lambda: None)[1] == "eager"
+
+
+def test_keep_busy_calls_for_the_given_time():
+    calls, syncs = [], []
+    t0 = time.perf_counter()
+    n = keep_busy(lambda: calls.append(time.sleep(0.002)), 40.0, lambda: syncs.append(1))
+    assert 1000.0 * (time.perf_counter() - t0) >= 40.0
+    assert n == len(calls) >= 2 and len(syncs) == n // 8 + 1
+    assert keep_busy(lambda: calls.append(1), 0.0, lambda: None) == 1  # always at least one call
+
+
+@requires_cuda
+def test_cuda_settles_after_a_slow_warmup():
+    x = torch.zeros(1 << 20, device="cuda")
+    first = []
+
+    def fn():
+        if not first:
+            first.append(time.sleep(0.08))  # a "compile" on the first call
+        x.add_(1.0)
+
+    timer = BenchTimer("cuda", rep_ms=20, settle_ms=100.0)
+    timer(fn)
+    assert timer.last["warmup_ms"] >= 80 and timer.last["settled_ms"] >= 100.0
+    timer(lambda: x.add_(1.0))
+    assert timer.last["settled_ms"] == 0.0  # a fast warm-up: no settling
 
 
 @requires_cuda

@@ -11,6 +11,12 @@
   ``slow_ms`` (``do_bench`` would repeat it at least 7 times);
 * on a CPU: the mean of 3 ``perf_counter`` runs after one warm-up call, ``"eager"`` (for tests,
   not figures).
+
+A warm-up call slower than ``settle_after_ms`` (a kernel compiled, a cache filled: the GPU sat
+idle meanwhile and lowered its clocks) is followed by ``settle_ms`` of back-to-back calls before
+anything is timed (``timer.last["settled_ms"]``). Without it the first figure of a run was up to
+2.5x too slow on the H100 (BENCHMARKS.md, prefill methods, session 8: ``do_bench``'s own 25 ms
+warm-up does not bring the clocks back up).
 """
 
 from __future__ import annotations
@@ -19,6 +25,20 @@ import time
 from typing import Callable, Optional, Tuple
 
 import torch
+
+
+def keep_busy(fn: Callable[[], object], ms: float, sync: Callable[[], object]) -> int:
+    """Call ``fn`` back to back until ``ms`` of wall time have passed (at least once), then
+    ``sync()``; returns the number of calls."""
+    calls = 0
+    t0 = time.perf_counter()
+    while calls == 0 or 1000.0 * (time.perf_counter() - t0) < ms:
+        fn()
+        calls += 1
+        if calls % 8 == 0:
+            sync()  # keep the queue short, so the wall time is GPU time
+    sync()
+    return calls
 
 
 def capture_graph(fn: Callable[[], object]) -> Tuple["torch.cuda.CUDAGraph", object]:
@@ -44,12 +64,15 @@ class BenchTimer:
         warmup_ms, rep_ms: ``do_bench``'s warm-up and repetition budgets.
         graphs: replay through a CUDA graph where the call allows (``graph_ok``).
         slow_ms: a warm-up call slower than this is timed once more, alone (None: never).
+        settle_after_ms, settle_ms: a warm-up call slower than ``settle_after_ms`` is followed by
+            ``settle_ms`` of calls before timing (clocks back up after a compile).
     """
 
     def __init__(self, device, *, warmup_ms: int = 10, rep_ms: int = 100, graphs: bool = False,
-                 slow_ms: Optional[float] = None):
+                 slow_ms: Optional[float] = None, settle_after_ms: float = 50.0, settle_ms: float = 300.0):
         self.device = torch.device(device)
         self.warmup_ms, self.rep_ms, self.graphs, self.slow_ms = warmup_ms, rep_ms, graphs, slow_ms
+        self.settle_after_ms, self.settle_ms = settle_after_ms, settle_ms
         self.last: dict = {}
 
     def timed(self, fn, graph_ok: bool = True) -> Tuple[float, str]:
@@ -80,19 +103,24 @@ class BenchTimer:
             torch.cuda.synchronize()
             self.last = {"mode": "single", "warmup_ms": warm}
             return float(start.elapsed_time(end))
+        settled = 0.0
+        if warm > self.settle_after_ms:
+            t1 = time.perf_counter()
+            keep_busy(fn, self.settle_ms, torch.cuda.synchronize)
+            settled = round(1000.0 * (time.perf_counter() - t1), 1)
         mode = "eager"
         if self.graphs and graph_ok:
             try:
                 graph, _ = capture_graph(fn)
                 ms = triton.testing.do_bench(graph.replay, warmup=self.warmup_ms, rep=self.rep_ms,
                                              return_mode="median")
-                self.last = {"mode": "graph", "warmup_ms": warm}
+                self.last = {"mode": "graph", "warmup_ms": warm, "settled_ms": settled}
                 return float(ms)
             except Exception as exc:  # capture refused: time it eagerly and say why
                 torch.cuda.synchronize()
                 mode = f"eager ({type(exc).__name__})"
         ms = triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median")
-        self.last = {"mode": mode, "warmup_ms": warm}
+        self.last = {"mode": mode, "warmup_ms": warm, "settled_ms": settled}
         return float(ms)
 
 
