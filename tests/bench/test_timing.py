@@ -43,8 +43,10 @@ def test_cuda_settles_after_a_slow_warmup():
             first.append(time.sleep(0.08))  # a "compile" on the first call
         x.add_(1.0)
 
-    timer = BenchTimer("cuda", rep_ms=20, settle_ms=100.0)
+    # A warm-up slower than slow_ms that is a compile, not a slow function: timed as usual.
+    timer = BenchTimer("cuda", rep_ms=20, settle_ms=100.0, slow_ms=50.0)
     timer(fn)
+    assert timer.last["mode"] == "eager"
     assert timer.last["warmup_ms"] >= 80 and timer.last["settled_ms"] >= 100.0
     timer(lambda: x.add_(1.0))
     assert timer.last["settled_ms"] == 0.0  # a fast warm-up: no settling

@@ -7,16 +7,16 @@
   launch overhead of the many small ops of a step (``graphs=True`` and ``graph_ok``);
 * ``"eager"``: the median of ``do_bench`` over direct calls (``"eager (RuntimeError)"`` when a
   capture was asked for and refused: a host sync, a host-to-device copy, ...);
-* ``"single"``: one call timed with CUDA events, when the warm-up call took longer than
-  ``slow_ms`` (``do_bench`` would repeat it at least 7 times);
+* ``"single"``: one call timed with CUDA events, when a call after the warm-up call took longer
+  than ``slow_ms`` (``do_bench`` would repeat it at least 7 times);
 * on a CPU: the mean of 3 ``perf_counter`` runs after one warm-up call, ``"eager"`` (for tests,
   not figures).
 
 A warm-up call slower than ``settle_after_ms`` (a kernel compiled, a cache filled: the GPU sat
 idle meanwhile and lowered its clocks) is followed by ``settle_ms`` of back-to-back calls before
-anything is timed (``timer.last["settled_ms"]``). Without it the first figure of a run was up to
-2.5x too slow on the H100 (BENCHMARKS.md, prefill methods, session 8: ``do_bench``'s own 25 ms
-warm-up does not bring the clocks back up).
+anything is timed (``timer.last["settled_ms"]``). Before, a compile longer than ``slow_ms`` made
+the first figure of a run a "single" call at idle clocks, up to 2.5x too slow on the H100
+(BENCHMARKS.md, prefill methods, session 8).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class BenchTimer:
         device: where ``fn`` runs (CUDA: ``do_bench``; else ``perf_counter``).
         warmup_ms, rep_ms: ``do_bench``'s warm-up and repetition budgets.
         graphs: replay through a CUDA graph where the call allows (``graph_ok``).
-        slow_ms: a warm-up call slower than this is timed once more, alone (None: never).
+        slow_ms: a call slower than this after the warm-up is its own figure, alone (None: never).
         settle_after_ms, settle_ms: a warm-up call slower than ``settle_after_ms`` is followed by
             ``settle_ms`` of calls before timing (clocks back up after a compile).
     """
@@ -95,19 +95,22 @@ class BenchTimer:
         fn()  # warm-up: compiles, fills caches
         torch.cuda.synchronize()
         warm = round(1000.0 * (time.perf_counter() - t0), 1)
-        if self.slow_ms is not None and warm > self.slow_ms:
+        settled = 0.0
+        if warm > self.settle_after_ms or (self.slow_ms is not None and warm > self.slow_ms):
+            # A slow warm-up is a compile or a slow function: one more call, alone, tells which.
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             torch.cuda.synchronize()
-            self.last = {"mode": "single", "warmup_ms": warm}
-            return float(start.elapsed_time(end))
-        settled = 0.0
-        if warm > self.settle_after_ms:
-            t1 = time.perf_counter()
-            keep_busy(fn, self.settle_ms, torch.cuda.synchronize)
-            settled = round(1000.0 * (time.perf_counter() - t1), 1)
+            once = float(start.elapsed_time(end))
+            if self.slow_ms is not None and once > self.slow_ms:
+                self.last = {"mode": "single", "warmup_ms": warm}
+                return once
+            if warm > self.settle_after_ms:
+                t1 = time.perf_counter()
+                keep_busy(fn, self.settle_ms, torch.cuda.synchronize)
+                settled = round(1000.0 * (time.perf_counter() - t1), 1)
         mode = "eager"
         if self.graphs and graph_ok:
             try:
