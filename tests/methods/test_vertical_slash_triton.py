@@ -15,7 +15,8 @@ import torch
 from sparseattn.bench.synthetic import structured_qkv
 from sparseattn.methods import get_method
 from sparseattn.methods import vertical_slash as vmod
-from sparseattn.methods.base import cdiv, compact_rows, diagonal_sums, last_queries_attention, query_block_positions
+from sparseattn.methods.vertical_slash import plan_from_keeps
+from sparseattn.methods.base import compact_rows, diagonal_sums, last_queries_attention
 from sparseattn.plan import BlockPlan
 
 from ..conftest import requires_cuda, triton_importable
@@ -42,35 +43,7 @@ def torch_profiles(q, k, n_last):
 # ----------------------------------------------------------------------------- the PyTorch twin
 def torch_plan(keep_cols, keep_diag, width, *, bs, Lq, Lk):
     """``VerticalSlash._plan``'s PyTorch code from the two keep masks on, on the CPU (the oracle)."""
-    keep_cols, keep_diag = keep_cols.cpu(), keep_diag.cpu()
-    B, H = keep_cols.shape[:2]
-    nQ, nK = cdiv(Lq, bs), cdiv(Lk, bs)
-    geo = dict(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk)
-    first, last = query_block_positions(nQ, bs, Lq, Lk, "cpu")
-    n = torch.arange(nK, dtype=torch.int64)
-    start, end = n * bs, torch.clamp((n + 1) * bs, max=Lk) - 1
-    o_lo = (first.view(-1, 1) - end.view(1, -1)).clamp(min=0)
-    o_hi = (last.view(-1, 1) - start.view(1, -1)).clamp(max=Lk - 1)
-    ok = o_lo <= o_hi
-    t_lo = (Lk - 1 - o_hi).clamp(0, Lk - 1)
-    t_hi = (Lk - 1 - o_lo).clamp(0, Lk - 1)
-    prefix = torch.nn.functional.pad(torch.cumsum(keep_diag, -1), (1, 0))
-
-    def at(idx):
-        return torch.gather(prefix, -1, idx.reshape(1, 1, -1).expand(B, H, -1)).view(B, H, nQ, nK)
-
-    blocks = ((at(t_hi + 1) - at(t_lo)) > 0) & ok
-    plan = BlockPlan.from_block_mask(blocks, **geo, causal=True)
-    if width == 0:
-        return plan
-    _, cols = compact_rows(keep_cols, torch.arange(Lk).expand(B, H, Lk), width)
-    n_cols = keep_cols.sum(-1, keepdim=True)
-    slot_ok = torch.arange(width).view(1, 1, -1) < n_cols
-    cols = cols.long()
-    in_block = torch.gather(plan.block_mask(), -1, (cols // bs).unsqueeze(2).expand(B, H, nQ, width))
-    cand = slot_ok.unsqueeze(2) & (cols.unsqueeze(2) <= last.view(1, 1, -1, 1)) & ~in_block
-    counts, extra = compact_rows(cand, cols.unsqueeze(2).expand(B, H, nQ, width), width)
-    return BlockPlan(plan.kv_counts, plan.kv_indices, **geo, extra_counts=counts, extra_indices=extra)
+    return plan_from_keeps(keep_cols.cpu(), keep_diag.cpu(), width, block_size=bs, q_len=Lq, k_len=Lk)
 
 
 def kernel_inputs(keep_cols, keep_diag, width):

@@ -78,7 +78,6 @@ class VerticalSlash(PrefillMethod):
         Hkv, Lk = k.shape[1], k.shape[2]
         G, bs, dev = Hq // Hkv, self.block_size, q.device
         geo = dict(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk)
-        nQ, nK = cdiv(Lq, bs), cdiv(Lk, bs)
         common = dict(heads=Hq, q_heads=Hq, kv_heads=Hkv, layer_idx=layer_idx, device=dev, dtype=torch.int64)
         n_v = head_values(self.vertical_size, name="vertical_size", **common)
         n_s = head_values(self.slash_size, name="slash_size", **common)
@@ -115,7 +114,6 @@ class VerticalSlash(PrefillMethod):
             keep_cols = keep_cols.view(B, Hkv, G, Lk).any(2)
             keep_diag = keep_diag.view(B, Hkv, G, Lk).any(2)
             width = min(Lk, width * G)
-        H = keep_cols.shape[1]
 
         if rows_triton:
             from ..kernels.vertical_slash_triton import vertical_slash_plan_triton
@@ -132,32 +130,45 @@ class VerticalSlash(PrefillMethod):
                 return plan
             return replace(plan, extra_counts=extra_counts, extra_indices=extra_indices)
 
-        # Diagonal distances o in [max(0, first(I) - end(n)), last(I) - start(n)] reach block n from
-        # query block I; count kept ones with a prefix sum over t = Lk - 1 - o.
-        first, last = query_block_positions(nQ, bs, Lq, Lk, dev)
-        n = torch.arange(nK, device=dev, dtype=torch.int64)
-        start, end = n * bs, torch.clamp((n + 1) * bs, max=Lk) - 1
-        o_lo = (first.view(-1, 1) - end.view(1, -1)).clamp(min=0)
-        o_hi = (last.view(-1, 1) - start.view(1, -1)).clamp(max=Lk - 1)
-        ok = o_lo <= o_hi
-        t_lo = (Lk - 1 - o_hi).clamp(0, Lk - 1)
-        t_hi = (Lk - 1 - o_lo).clamp(0, Lk - 1)
-        prefix = torch.nn.functional.pad(torch.cumsum(keep_diag, -1), (1, 0))  # [B, H, Lk + 1]
+        return plan_from_keeps(keep_cols, keep_diag, width, block_size=bs, q_len=Lq, k_len=Lk)
 
-        def at(idx):
-            return torch.gather(prefix, -1, idx.reshape(1, 1, -1).expand(B, H, -1)).view(B, H, nQ, nK)
 
-        blocks = ((at(t_hi + 1) - at(t_lo)) > 0) & ok  # [B, H, nQ, nK]
-        plan = BlockPlan.from_block_mask(blocks, **geo, causal=True)
-        if width == 0:
-            return plan
+def plan_from_keeps(keep_cols: torch.Tensor, keep_diag: torch.Tensor, width: int, *, block_size: int, q_len: int,
+                    k_len: int) -> BlockPlan:
+    """The plan from the kept key columns and kept diagonals (both bool ``[B, H, Lk]``, diagonals
+    indexed by their last-row key ``t``): PyTorch, the CPU path and the oracle of
+    ``kernels/vertical_slash_triton.py``. ``width`` extra-column slots per row."""
+    B, H, Lk = keep_cols.shape
+    bs, Lq, dev = block_size, q_len, keep_cols.device
+    geo = dict(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk)
+    nQ, nK = cdiv(Lq, bs), cdiv(Lk, bs)
+    j = torch.arange(Lk, device=dev)
+    # Diagonal distances o in [max(0, first(I) - end(n)), last(I) - start(n)] reach block n from
+    # query block I; count kept ones with a prefix sum over t = Lk - 1 - o.
+    first, last = query_block_positions(nQ, bs, Lq, Lk, dev)
+    n = torch.arange(nK, device=dev, dtype=torch.int64)
+    start, end = n * bs, torch.clamp((n + 1) * bs, max=Lk) - 1
+    o_lo = (first.view(-1, 1) - end.view(1, -1)).clamp(min=0)
+    o_hi = (last.view(-1, 1) - start.view(1, -1)).clamp(max=Lk - 1)
+    ok = o_lo <= o_hi
+    t_lo = (Lk - 1 - o_hi).clamp(0, Lk - 1)
+    t_hi = (Lk - 1 - o_lo).clamp(0, Lk - 1)
+    prefix = torch.nn.functional.pad(torch.cumsum(keep_diag, -1), (1, 0))  # [B, H, Lk + 1]
 
-        # Kept columns, ascending, then per query block those visible and outside its kept blocks.
-        _, cols = _compact(keep_cols, j.expand(B, H, Lk), width)  # [B, H, width]
-        n_cols = keep_cols.sum(-1, keepdim=True)
-        slot_ok = torch.arange(width, device=dev).view(1, 1, -1) < n_cols
-        cols = cols.long()
-        in_block = torch.gather(plan.block_mask(), -1, (cols // bs).unsqueeze(2).expand(B, H, nQ, width))
-        cand = slot_ok.unsqueeze(2) & (cols.unsqueeze(2) <= last.view(1, 1, -1, 1)) & ~in_block
-        counts, extra = _compact(cand, cols.unsqueeze(2).expand(B, H, nQ, width), width)
-        return replace(plan, extra_counts=counts, extra_indices=extra)
+    def at(idx):
+        return torch.gather(prefix, -1, idx.reshape(1, 1, -1).expand(B, H, -1)).view(B, H, nQ, nK)
+
+    blocks = ((at(t_hi + 1) - at(t_lo)) > 0) & ok  # [B, H, nQ, nK]
+    plan = BlockPlan.from_block_mask(blocks, **geo, causal=True)
+    if width == 0:
+        return plan
+
+    # Kept columns, ascending, then per query block those visible and outside its kept blocks.
+    _, cols = _compact(keep_cols, j.expand(B, H, Lk), width)  # [B, H, width]
+    n_cols = keep_cols.sum(-1, keepdim=True)
+    slot_ok = torch.arange(width, device=dev).view(1, 1, -1) < n_cols
+    cols = cols.long()
+    in_block = torch.gather(plan.block_mask(), -1, (cols // bs).unsqueeze(2).expand(B, H, nQ, width))
+    cand = slot_ok.unsqueeze(2) & (cols.unsqueeze(2) <= last.view(1, 1, -1, 1)) & ~in_block
+    counts, extra = _compact(cand, cols.unsqueeze(2).expand(B, H, nQ, width), width)
+    return replace(plan, extra_counts=counts, extra_indices=extra)
