@@ -242,6 +242,27 @@ def test_nan_value_stays_in_rows_that_attend_it(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_value_in_a_selected_page_poisons_only_its_group(backend, bad):
+    # Lq = 1 (the kernel checks its accumulators at the end, not each tile): a non-finite value in a
+    # selected page of (sequence 1, KV head 0) makes exactly that group's rows NaN; the same value in
+    # a page nobody selected changes nothing.
+    cache = make_cache(2, 2, 32, [70, 50], dtype=torch.bfloat16)
+    pool = cache.v_pages(0)
+    pool[int(cache.page_table[1, 1]), 0, 3, 7] = bad  # token 19 of sequence 1, head 0: selected
+    pool[int(cache.page_table[0, 4]), 1, 2, 0] = bad  # token 66 of sequence 0, head 1: not selected
+    pages = torch.tensor([[[0, 1, 2], [0, 1, 3]], [[1, 2, 3], [0, 2, 3]]], dtype=torch.int32, device=DEVICE)
+    sel = DecodeSelection.from_pages(pages, page_size=16)
+    q = make_q(2, 6, 1, 32, torch.bfloat16)
+    out = sparse_decode_attention(q, cache, 0, sel, backend=backend)
+    bad_rows = ~torch.isfinite(out).all(-1)[..., 0]  # [B, Hq]
+    expected = torch.zeros(2, 6, dtype=torch.bool, device=out.device)
+    expected[1, :3] = True
+    assert torch.equal(bad_rows, expected)
+    assert torch.isnan(out[1, :3]).all()  # NaN, never +-inf, whatever the value was
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic(backend):
     cache = make_cache(2, 2, 32, [90, 33])
     sel = random_selection(cache, 2, kind="pages_tokens")
@@ -573,6 +594,16 @@ def test_long_selections_keep_the_dense_walk_config(monkeypatch):
     # Split rule: the dense one (4 programs per SM, >= 64 tokens per split) for long walks.
     assert dt.choose_num_splits(24, 131072, cuda, sparse=False, head_dim=64) == 22
     assert dt.choose_num_splits(24, 2048, cuda, sparse=True, head_dim=64) == 44
+    # Wide dense walks (D=128, at least a quarter as many (sequence, KV head) pairs as SMs): 256-key
+    # tiles at 2 programs per SM; B=1 of 8 KV heads stays on the dense rule; selections never go wide.
+    bf16 = torch.bfloat16
+    assert dt.wide_walk(True, 64, 128, bf16, cuda) and not dt.wide_walk(True, 8, 128, bf16, cuda)
+    assert not dt.wide_walk(False, 64, 128, bf16, cuda) and not dt.wide_walk(True, 64, 64, bf16, cuda)
+    assert not dt.wide_walk(True, 64, 128, torch.float32, cuda)
+    assert not dt.wide_walk(True, 64, 128, bf16, torch.device("cpu"))
+    assert dt.default_config(128, bf16, wide=True) == dt._WIDE_CONFIGS_16BIT[128] != dt.default_config(128, bf16)
+    assert dt.choose_num_splits(64, 131072, cuda, head_dim=128, wide=True) == 4
+    assert dt.choose_num_splits(8, 131072, cuda, head_dim=128) == 66
 
 
 @needs_triton
@@ -583,7 +614,8 @@ def test_launch_picks_the_config_by_selection_width(monkeypatch):
 
     asked = []
     real = dt.default_config
-    monkeypatch.setattr(dt, "default_config", lambda D, dtype, sparse=False: asked.append(sparse) or real(D, dtype))
+    monkeypatch.setattr(dt, "default_config",
+                        lambda D, dtype, sparse=False, wide=False: asked.append(sparse) or real(D, dtype))
     cache = make_cache(2, 2, 32, [150, 77])
     q = make_q(2, 4, 1, 32, torch.bfloat16)
     for width, short in ((10, True), (dt.SHORT_SELECTION_TOKENS // 16 + 1, False)):

@@ -35,7 +35,13 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _attend(acc, l_i, m_i, poison, q, k, v, pos, ok, qpos, qk_scale,
             CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """One online-softmax step of the group's rows over a tile of gathered keys/values."""
+    """One online-softmax step of the group's rows over a tile of gathered keys/values.
+
+    Non-finite values: under ``CAUSAL`` rows see different tokens, so each tile zeroes its
+    non-finite value rows and marks (``poison``) the rows that give them weight. Without it every
+    row sees the same tokens and a non-finite value reaches every row's accumulator by itself
+    (``p * inf``, ``0 * nan``); ``_decode_fwd`` checks the accumulators once at the end instead,
+    which keeps this per-tile work off the memory-bound walk."""
     if UPCAST_DOT:
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
@@ -49,12 +55,13 @@ def _attend(acc, l_i, m_i, poison, q, k, v, pos, ok, qpos, qk_scale,
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(qk - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
-    # Tokens whose value row is not finite: rows that attend them become NaN at the end, rows that
-    # mask them must not see 0 * NaN.
-    v_rowsum = tl.sum(v.to(tl.float32) * 0.0, 1)
-    v_bad = tl.where(v_rowsum == 0.0, 0.0, 1.0)
-    v = tl.where(v_bad[:, None] == 0.0, v, tl.zeros_like(v))
-    poison = tl.maximum(poison, tl.max(p * v_bad[None, :], 1))
+    if CAUSAL:
+        # Tokens whose value row is not finite: rows that attend them become NaN at the end, rows
+        # that mask them must not see 0 * NaN.
+        v_rowsum = tl.sum(v.to(tl.float32) * 0.0, 1)
+        v_bad = tl.where(v_rowsum == 0.0, 0.0, 1.0)
+        v = tl.where(v_bad[:, None] == 0.0, v, tl.zeros_like(v))
+        poison = tl.maximum(poison, tl.max(p * v_bad[None, :], 1))
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if UPCAST_DOT:  # same rounding of p as the GPU path, then an exact fp32 product
@@ -233,6 +240,8 @@ def _decode_fwd(
             stride_tp, stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
             PAGE_SIZE, BLOCK_N, False, PREFETCH, CAUSAL, DOT_PRECISION, UPCAST_DOT)
 
+    if not CAUSAL:  # one query per head: a non-finite value made every row's accumulator non-finite
+        poison = tl.where(tl.sum(acc * 0.0, 1) == 0.0, 0.0, 1.0)
     has_mass = l_i > 0.0
     out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
     out = tl.where(poison[:, None] > 0.0, float("nan"), out)
@@ -291,17 +300,28 @@ def _merge_splits(
 
 
 # (BLOCK_N, num_warps, num_stages): decode tiles are short in M (the GQA group), so the key tile
-# and the number of loads in flight set the speed. D=64/128 from scripts/sweep_decode.py on the
-# H100 (2026-11-22, bf16, 32K/128K, B=1/8, dense and 2048 scattered tokens): 9/3/64 dense B=8 at
-# 128K 414 -> 286 us (SDPA 278); 32/8/128 dense B=8 at 128K best (128, 4, 3) with ~20 splits
-# (1.44 ms, SDPA 1.39); (64, 2, 2) was best at B=1 but 1.9 ms at B=8.
-_CONFIGS_16BIT = {16: (64, 4, 2), 32: (64, 4, 2), 64: (128, 2, 3), 128: (128, 4, 3), 256: (32, 4, 2)}
+# and the number of loads in flight set the speed. Since session 9 the value tiles go straight to
+# shared memory (no per-tile finiteness check at Lq = 1, see ``_attend``), which moved the best
+# configs; H100 sweep of session 9 (scripts/sweep_decode.py --per-sm 1,2,4,8, bf16, dense, us, SDPA
+# cuDNN in brackets): D=128 (64, 4, 2) at 4 programs per SM: 32K B=1 52.9 [51.2], 128K B=1 184.6
+# [180.7], 32K B=8 357.4 [350.8], 128K B=8 1409.9 [1387.2] (the old (128, 4, 3) now gave 201.6 /
+# 1598 at the same splits); D=64 (128, 4, 3): 32K B=1 12.0 [11.8], 128K B=1 41.9 [39.9], B=8 73.4
+# [72.1] / 272.4 [262.4].
+_CONFIGS_16BIT = {16: (64, 4, 2), 32: (64, 4, 2), 64: (128, 4, 3), 128: (64, 4, 2), 256: (32, 4, 2)}
+# A dense walk with many (sequence, KV head) pairs fills the GPU with few splits: long 256-key
+# tiles at 2 programs per SM stream best there (same sweep, D=128 B=8: 32K 355.9 us, 128K 1376.2
+# us, i.e. 0.99x and 1.01x SDPA; at B=1 this config gave 56.6 / 183.2 us).
+_WIDE_CONFIGS_16BIT = {128: (256, 8, 2)}
+WIDE_PROGRAMS_PER_SM = 2
+# Wide once the (sequence, KV head, row tile) pairs number at least a quarter of the SMs.
+WIDE_MIN_PAIRS_PER_SM = 0.25
 # Selections (pages / tokens, not dense) are short walks of gathered pages: smaller key tiles and
 # more, shorter splits. H100, scripts/sweep_decode.py --cases pages (2048 random tokens, 128K,
 # 2026-11-23): 32/8/128 B=1 10.2 -> 8.9 us with (32, 4, 2) at 64 splits, B=8 38.1 -> 36.4 us;
 # 9/3/64 B=1 8.0 -> 6.0 us. The 4th field is the walk's prefetch (see ``_walk_selection``): same
 # sweep with prefetch (session 6): 32/8/128 B=8 35.7 -> 33.7 us with (32, 4, 2, 1), B=1 unchanged
-# (8.7-9.0 us); 9/3/64 B=8 10.0 -> 9.8 us with (32, 4, 1, 1) at 44 splits.
+# (8.7-9.0 us); 9/3/64 B=8 10.0 -> 9.8 us with (32, 4, 1, 1) at 44 splits. Session 9 (values to
+# shared memory): 32/8/128 B=8 31.5 us (2.13 TB/s), 9/3/64 B=8 9.0 us.
 _SPARSE_CONFIGS_16BIT = {64: (32, 4, 1, 1), 128: (32, 4, 2, 1)}
 _CONFIGS_FP32 = {16: (32, 4, 2), 32: (32, 4, 2), 64: (32, 4, 2), 128: (32, 4, 2), 256: (16, 4, 1)}
 # The interpreter runs tiles as numpy arrays: small tiles that span two 16-token pages.
@@ -335,14 +355,17 @@ def short_selection(dense: bool, stream_tokens: int) -> bool:
     return not dense and stream_tokens <= SHORT_SELECTION_TOKENS
 
 
-def default_config(head_dim: int, dtype: torch.dtype, sparse: bool = False) -> tuple:
-    """(BLOCK_N, num_warps, num_stages) for a dense walk or (``sparse``) a selection."""
+def default_config(head_dim: int, dtype: torch.dtype, sparse: bool = False, wide: bool = False) -> tuple:
+    """(BLOCK_N, num_warps, num_stages) for a dense walk, a ``wide`` one (see :func:`wide_walk`)
+    or (``sparse``) a short selection."""
     if triton_interpreting():
         return _CONFIG_INTERPRET
     if dtype == torch.float32:
         return _CONFIGS_FP32[head_dim]
     if sparse and head_dim in _SPARSE_CONFIGS_16BIT:
         return _SPARSE_CONFIGS_16BIT[head_dim]
+    if wide and head_dim in _WIDE_CONFIGS_16BIT:
+        return _WIDE_CONFIGS_16BIT[head_dim]
     return _CONFIGS_16BIT[head_dim]
 
 
@@ -355,8 +378,18 @@ def _pow2_at_least(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def wide_walk(dense: bool, programs: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a dense walk over ``programs`` (sequence, KV head, row tile) pairs takes the wide
+    config: a 16-bit head size that has one, on a GPU, with enough pairs to fill it at few splits."""
+    if not dense or dtype == torch.float32 or head_dim not in _WIDE_CONFIGS_16BIT:
+        return False
+    if triton_interpreting() or device.type != "cuda":
+        return False
+    return programs >= WIDE_MIN_PAIRS_PER_SM * _sm_count(device.index)
+
+
 def choose_num_splits(programs: int, stream_tokens: int, device: torch.device, sparse: bool = False,
-                      head_dim: int = 128) -> int:
+                      head_dim: int = 128, wide: bool = False) -> int:
     """Splits per (batch, KV head, row tile): enough programs to fill the GPU, each with real work.
 
     Depends on shapes only (selection widths, never counts), so it costs no host sync.
@@ -364,7 +397,12 @@ def choose_num_splits(programs: int, stream_tokens: int, device: torch.device, s
     if triton_interpreting() or device.type != "cuda":
         target, min_tokens = INTERPRET_TARGET_PROGRAMS, MIN_TOKENS_PER_SPLIT_INTERPRET
     else:
-        per_sm = SPARSE_PROGRAMS_PER_SM.get(head_dim, PROGRAMS_PER_SM) if sparse else PROGRAMS_PER_SM
+        if wide:
+            per_sm = WIDE_PROGRAMS_PER_SM
+        elif sparse:
+            per_sm = SPARSE_PROGRAMS_PER_SM.get(head_dim, PROGRAMS_PER_SM)
+        else:
+            per_sm = PROGRAMS_PER_SM
         target = per_sm * _sm_count(device.index)
         min_tokens = MIN_TOKENS_PER_SPLIT_SPARSE if sparse else MIN_TOKENS_PER_SPLIT
     by_occupancy = max(1, target // max(programs, 1))
@@ -410,14 +448,16 @@ def decode_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
     width_tokens = tokens.shape[-1] if tokens is not None else 0
     stream_tokens = width_pages * page_size + width_tokens
     short = short_selection(dense, stream_tokens)
-    block_n, num_warps, num_stages, *rest = config or default_config(D, q.dtype, sparse=short)
-    prefetch = int(rest[0]) if rest else 0
     rows = G * Lq
     block_m = min(max(16, _pow2_at_least(rows)), MAX_BLOCK_M)
     row_tiles = triton.cdiv(rows, block_m)
+    wide = wide_walk(dense, B * Hkv * row_tiles, D, q.dtype, q.device)
+    block_n, num_warps, num_stages, *rest = config or default_config(D, q.dtype, sparse=short, wide=wide)
+    prefetch = int(rest[0]) if rest else 0
 
     if num_splits is None:
-        num_splits = choose_num_splits(B * Hkv * row_tiles, stream_tokens, q.device, sparse=short, head_dim=D)
+        num_splits = choose_num_splits(B * Hkv * row_tiles, stream_tokens, q.device, sparse=short, head_dim=D,
+                                       wide=wide)
     num_splits = max(1, int(num_splits))
     pages_per_split = max(1, triton.cdiv(width_pages, num_splits))
     if block_n % page_size == 0:  # whole tiles per split
