@@ -576,9 +576,10 @@ def test_gpu_dependent_launch_in_a_graph_equals_plain_launches(kind, monkeypatch
     assert torch.equal(results[0], results[1])
 
 
-def test_long_selections_keep_the_dense_walk_config(monkeypatch):
+def test_long_selections_take_the_long_walk_config(monkeypatch):
     # DuoAttention's retrieval heads list every page: such walks must not take the short-selection
-    # tiles and split rule (that made duo's 128K step 1.8x slower on the H100).
+    # tiles and split rule (that made duo's 128K step 1.8x slower on the H100), nor (D=128) the
+    # dense walk's tiles (1.25x slower at B=8 since session 9), but the long-selection ones.
     from sparseattn.kernels import decode_triton as dt
 
     monkeypatch.setattr(dt, "triton_interpreting", lambda: False)
@@ -587,8 +588,10 @@ def test_long_selections_keep_the_dense_walk_config(monkeypatch):
     assert dt.short_selection(False, 2048) and dt.short_selection(False, dt.SHORT_SELECTION_TOKENS)
     assert not dt.short_selection(False, dt.SHORT_SELECTION_TOKENS + 1) and not dt.short_selection(True, 2048)
     for D in (64, 128):
-        long_config = dt.default_config(D, torch.bfloat16, sparse=dt.short_selection(False, 131072))
-        assert long_config == dt.default_config(D, torch.bfloat16, sparse=False) == dt._CONFIGS_16BIT[D]
+        long_config = dt.default_config(D, torch.bfloat16, sparse=dt.short_selection(False, 131072),
+                                        long_selection=True)
+        assert long_config == dt._LONG_SELECTION_CONFIGS_16BIT.get(D, dt._CONFIGS_16BIT[D])
+        assert long_config != dt._SPARSE_CONFIGS_16BIT[D]
         assert dt.default_config(D, torch.bfloat16, sparse=dt.short_selection(False, 2048)) == \
             dt._SPARSE_CONFIGS_16BIT[D]
     # Split rule: the dense one (4 programs per SM, >= 64 tokens per split) for long walks.
@@ -615,7 +618,8 @@ def test_launch_picks_the_config_by_selection_width(monkeypatch):
     asked = []
     real = dt.default_config
     monkeypatch.setattr(dt, "default_config",
-                        lambda D, dtype, sparse=False, wide=False: asked.append(sparse) or real(D, dtype))
+                        lambda D, dtype, sparse=False, wide=False, long_selection=False:
+                        asked.append((sparse, long_selection)) or real(D, dtype))
     cache = make_cache(2, 2, 32, [150, 77])
     q = make_q(2, 4, 1, 32, torch.bfloat16)
     for width, short in ((10, True), (dt.SHORT_SELECTION_TOKENS // 16 + 1, False)):
@@ -626,6 +630,6 @@ def test_launch_picks_the_config_by_selection_width(monkeypatch):
         out, lse = dt.decode_attention_triton(q, cache.k_pages(0), cache.v_pages(0), cache.page_table_storage,
                                               cache.layer_lengths(0), page_size=16, pages=pages, page_counts=counts,
                                               return_lse=True)
-        assert asked[-1] is short
+        assert asked[-1] == (short, not short)
         ref, ref_lse, pt = oracle(q, cache, 0, sel)
         assert_tolerance(out, lse, ref, ref_lse, pt, factor=3.0)

@@ -313,6 +313,12 @@ _CONFIGS_16BIT = {16: (64, 4, 2), 32: (64, 4, 2), 64: (128, 4, 3), 128: (64, 4, 
 # us, i.e. 0.99x and 1.01x SDPA; at B=1 this config gave 56.6 / 183.2 us).
 _WIDE_CONFIGS_16BIT = {128: (256, 8, 2)}
 WIDE_PROGRAMS_PER_SM = 2
+# Long selections (not dense, over SHORT_SELECTION_TOKENS, e.g. DuoAttention's retrieval heads
+# listing every page next to streaming heads with a few) stream best with the old dense tiles: H100,
+# bench decode --methods duo, 32/8/128 (ms, 128K B=1 / B=8, 32K B=1 / B=8): (128, 4, 3) 0.138 / 0.751 /
+# 0.065 / 0.229; (64, 4, 2) 0.145 / 0.943 / 0.067 / 0.268; (128, 4, 2) 0.139 / 0.776 / 0.065 / 0.233;
+# wide (256, 8, 2) at 2 per SM 0.145 / 0.781 / 0.066 / 0.250; (128, 8, 2) 0.169 / 1.002.
+_LONG_SELECTION_CONFIGS_16BIT = {128: (128, 4, 3)}
 # Wide once the (sequence, KV head, row tile) pairs number at least a quarter of the SMs.
 WIDE_MIN_PAIRS_PER_SM = 0.25
 # Selections (pages / tokens, not dense) are short walks of gathered pages: smaller key tiles and
@@ -355,15 +361,18 @@ def short_selection(dense: bool, stream_tokens: int) -> bool:
     return not dense and stream_tokens <= SHORT_SELECTION_TOKENS
 
 
-def default_config(head_dim: int, dtype: torch.dtype, sparse: bool = False, wide: bool = False) -> tuple:
-    """(BLOCK_N, num_warps, num_stages) for a dense walk, a ``wide`` one (see :func:`wide_walk`)
-    or (``sparse``) a short selection."""
+def default_config(head_dim: int, dtype: torch.dtype, sparse: bool = False, wide: bool = False,
+                   long_selection: bool = False) -> tuple:
+    """(BLOCK_N, num_warps, num_stages) for a dense walk, a ``wide`` one (see :func:`wide_walk`),
+    (``sparse``) a short selection or a ``long_selection`` (see :func:`short_selection`)."""
     if triton_interpreting():
         return _CONFIG_INTERPRET
     if dtype == torch.float32:
         return _CONFIGS_FP32[head_dim]
     if sparse and head_dim in _SPARSE_CONFIGS_16BIT:
         return _SPARSE_CONFIGS_16BIT[head_dim]
+    if long_selection and head_dim in _LONG_SELECTION_CONFIGS_16BIT:
+        return _LONG_SELECTION_CONFIGS_16BIT[head_dim]
     if wide and head_dim in _WIDE_CONFIGS_16BIT:
         return _WIDE_CONFIGS_16BIT[head_dim]
     return _CONFIGS_16BIT[head_dim]
@@ -452,7 +461,8 @@ def decode_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
     block_m = min(max(16, _pow2_at_least(rows)), MAX_BLOCK_M)
     row_tiles = triton.cdiv(rows, block_m)
     wide = wide_walk(dense, B * Hkv * row_tiles, D, q.dtype, q.device)
-    block_n, num_warps, num_stages, *rest = config or default_config(D, q.dtype, sparse=short, wide=wide)
+    block_n, num_warps, num_stages, *rest = config or default_config(D, q.dtype, sparse=short, wide=wide,
+                                                                     long_selection=not dense and not short)
     prefetch = int(rest[0]) if rest else 0
 
     if num_splits is None:
