@@ -246,7 +246,12 @@ if triton_importable():
     import triton
     import triton.language as tl
 
-    from sparseattn.kernels.select_triton import _top_lanes
+    from sparseattn.kernels.select_triton import _inclusive_count, _top_lanes
+
+    @triton.jit
+    def _inclusive_count_rows(Flags, Out, TILE: tl.constexpr):
+        offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        tl.store(Out + offs, _inclusive_count(tl.load(Flags + offs), TILE))
 
     @triton.jit
     def _top_lanes_rows(X, Cand, Want, Out, TILE: tl.constexpr, PROBE_LANES: tl.constexpr):
@@ -300,6 +305,19 @@ def test_top_lanes_is_the_stable_sorts_prefix(tile, probe_lanes):
             keep = torch.zeros(tile, dtype=torch.bool)
             keep[order[:max(0, min(int(want[r]), int(n_cand[r])))]] = True
             assert torch.equal(out[r].cpu().bool(), keep), (tile, r, int(want[r]))
+
+
+@pytest.mark.parametrize("tile", [16, 32, 64, 1024])
+def test_inclusive_count_is_the_cumsum(tile):
+    """The two-level scan (tiles of 64 lanes and more) and the plain one equal torch.cumsum, on rows
+    that are empty, full, sparse, dense, and set only at the ends."""
+    g = torch.Generator().manual_seed(tile)
+    rows = [torch.zeros(tile), torch.ones(tile), (torch.rand(tile, generator=g) < 0.05).float(),
+            (torch.rand(tile, generator=g) < 0.6).float(), torch.zeros(tile).index_fill_(0, torch.tensor([0, tile - 1]), 1)]
+    flags = torch.stack(rows).to(torch.int32)
+    out = torch.empty_like(flags, device=DEVICE)
+    _inclusive_count_rows[(flags.shape[0],)](flags.to(DEVICE), out, TILE=tile)
+    assert torch.equal(out.cpu(), torch.cumsum(flags, 1).to(torch.int32))
 
 
 # ----------------------------------------------------------------------------- GPU twin

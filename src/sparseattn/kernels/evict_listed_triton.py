@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .select_triton import _top_lanes
+from .select_triton import _inclusive_count, _top_lanes
 
 #: Widest list (entries per row) the fused tail takes: the row must fit one program's registers.
 MAX_WIDTH = 8192
@@ -77,11 +77,11 @@ def _group_mass(Logits, lrow, stride_lg, stride_lq, j, live, group, q_lo, q_len,
 
 
 @triton.jit
-def _write_row(Keep, keep_row, Tokens, tok_row, j, pos, tok, live, survive):
+def _write_row(Keep, keep_row, Tokens, tok_row, j, pos, tok, live, survive, TILE: tl.constexpr):
     """Keep bits of the live lanes; the list partitioned stably (survivors first), in place."""
     tl.store(Keep + keep_row + pos, survive.to(tl.uint8), mask=live)
     a = survive.to(tl.int32)
-    c = tl.cumsum(a, 0)
+    c = _inclusive_count(a, TILE)
     n_alive = tl.sum(a, 0)
     dest = tl.where(survive, c - 1, n_alive + j - c)
     tl.store(Tokens + tok_row + dest, tok, mask=live)
@@ -115,7 +115,7 @@ def _h2o_tail(Logits, Tokens, Counts, Scores, Keep, Lengths, HH, Recent,
     survive = recent | (_top_lanes(new, cand, tl.load(HH + b), TILE) & cand)
 
     tl.store(Scores + score_row + pos, tl.where(survive, new, 0.0), mask=live)  # evicted: score 0
-    n_alive = _write_row(Keep, b * stride_kb + h * stride_kh, Tokens, tok_row, j, pos, tok, live, survive)
+    n_alive = _write_row(Keep, b * stride_kb + h * stride_kh, Tokens, tok_row, j, pos, tok, live, survive, TILE)
     tl.store(c_ptr, n_alive)
 
 
@@ -165,7 +165,7 @@ def _tova_commit(Part, Count0, Tokens, Counts, Keep,
         tok = tl.load(Tokens + tok_row + j, mask=live_h, other=0)
         pos = tl.minimum(tl.maximum(tok, 0), n_slots - 1)  # int32: row offsets (the row bases are int64)
         n_alive = _write_row(Keep, b * stride_kb + h * stride_kh, Tokens, tok_row, j, pos, tok, live_h,
-                            top & live_h)
+                            top & live_h, TILE)
         tl.store(c_ptr, n_alive)
 
 

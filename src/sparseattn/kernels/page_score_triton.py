@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import triton_interpreting
-from .select_triton import MAX_KEY_BLOCKS, _finite_scores, _select_row, _top_lanes
+from .select_triton import MAX_KEY_BLOCKS, _finite_scores, _inclusive_count, _select_row, _top_lanes
 
 SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GQA_REDUCTIONS = ("group_max", "group_sum")
@@ -250,7 +250,7 @@ def _chunk_candidates(Scores, Lengths, CandScore, CandPage, H, n_chunks, page_si
                 other=0.0).to(tl.float32)
     x = _finite_scores(x, finite_max)
     chosen = _top_lanes(x, cand, _free_pages(budget, head, first_recent, n_pages, FORCED_IN_BUDGET), CHUNK)
-    rank = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    rank = _inclusive_count(chosen.to(tl.int32), CHUNK) - 1
     n_chosen = tl.sum(chosen.to(tl.int32), 0)
     base = (row * n_chunks + c) * SLOTS
     tl.store(CandScore + base + rank, x, mask=chosen & (rank < SLOTS))
@@ -274,7 +274,7 @@ def _pick_candidates(CandScore, CandPage, Lengths, Counts, Pages, H, n_cand_slot
     cand = page >= 0
     x = tl.load(CandScore + row * n_cand_slots + offs, mask=cand, other=0.0)
     chosen = _top_lanes(x, cand, _free_pages(budget, head, first_recent, n_pages, FORCED_IN_BUDGET), TILE)
-    rank = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    rank = _inclusive_count(chosen.to(tl.int32), TILE) - 1
     n_chosen = tl.sum(chosen.to(tl.int32), 0)
     count = head + n_chosen + (n_pages - first_recent)
     out = Pages + row * width

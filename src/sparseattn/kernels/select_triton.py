@@ -50,6 +50,26 @@ def _finite_scores(x, finite_max):
     return tl.where(x == 0.0, 0.0, x)
 
 
+#: Columns of the two-level scan in :func:`_inclusive_count`.
+SCAN_COLUMNS = tl.constexpr(32)  # a constexpr global: jitted code may read it
+
+
+@triton.jit
+def _inclusive_count(flags, TILE: tl.constexpr):
+    """int32 [TILE]: ``tl.cumsum(flags, 0)`` of int32 0/1 ``flags``, as a two-level scan for long
+    tiles: the tile viewed as ``[TILE / 32, 32]`` rows, a scan along each row plus the count of the
+    rows before it (the one-level scan of a long tile is a chain of shuffles per register). On the
+    H100 it took the selection of 128 of 8192 pages (8 rows) from 21.4 to 19.6 us and Quest's 128K
+    step from 45 to 40 us (``scripts/sweep_select_pages.py``, BENCHMARKS.md, decode, session 10)."""
+    if TILE >= 2 * SCAN_COLUMNS:
+        rows = tl.reshape(flags, [TILE // SCAN_COLUMNS, SCAN_COLUMNS])
+        row_total = tl.sum(rows, 1)
+        before = tl.cumsum(row_total, 0) - row_total
+        return tl.reshape(tl.cumsum(rows, 1) + before[:, None], [TILE])
+    else:
+        return tl.cumsum(flags, 0)
+
+
 @triton.jit
 def _top_lanes(x, cand, n_best, TILE: tl.constexpr, PROBE_LANES: tl.constexpr = 0):
     """bool [TILE]: the ``n_best`` largest ``x`` among the ``cand`` lanes (ties -> lower lane,
@@ -98,7 +118,7 @@ def _top_lanes(x, cand, n_best, TILE: tl.constexpr, PROBE_LANES: tl.constexpr = 
         t = hi.to(tl.int32)
     above = cand & (key > t)
     ties = cand & (key == t)
-    tie_rank = tl.cumsum(ties.to(tl.int32), 0) - 1
+    tie_rank = _inclusive_count(ties.to(tl.int32), TILE) - 1
     return above | (ties & (tl.sum(above.to(tl.int32), 0) + tie_rank < extra))
 
 
@@ -146,7 +166,7 @@ def _select_row(Scores, Counts, Indices, row, score_row, stride_sn, value, num_k
         t = lo.to(tl.int32)
         above = cand & (key > t)
         ties = cand & (key == t)
-        tie_rank = tl.cumsum(ties.to(tl.int32), 0) - 1
+        tie_rank = _inclusive_count(ties.to(tl.int32), TILE) - 1
         base = forced_mass + tl.sum(tl.where(above, x, 0.0), 0)
         # mass before the j-th tie, in the PyTorch path's order: (kept so far + j + 1 ties) - this one
         keep_ties = ties & ((base + x * (tie_rank + 1).to(tl.float32)) - x < target)
@@ -155,7 +175,7 @@ def _select_row(Scores, Counts, Indices, row, score_row, stride_sn, value, num_k
 
     # Compaction: kept blocks ascending at their rank, zeros after the count (stray reads stay in bounds).
     width = num_k_blocks
-    rank = tl.cumsum(keep.to(tl.int32), 0) - 1
+    rank = _inclusive_count(keep.to(tl.int32), TILE) - 1
     count = tl.sum(keep.to(tl.int32), 0)
     out = Indices + row * width
     tl.store(out + rank, offs, mask=keep & (rank < width))  # a caller's narrower width never spills into the next row
