@@ -255,18 +255,22 @@ def topk_token_selection(score: torch.Tensor, k: int, *, lengths: torch.Tensor, 
         (zeros after the count): the same tensors as ``rank_mask`` + ``from_token_mask`` give on
         scores without ties (with ``stable_ties``: on any scores).
 
-    How: :func:`topk_positions` (``torch.topk``: a radix select of ``k`` ids per row, not the full
-    sort of ``rank_mask``), a sort of the ``G * k`` picked ids (short rows), then one Triton
-    launch (:func:`~sparseattn.kernels.topk_tokens_triton.assemble_token_selection`) writes the
-    rows: O(B * H * G * k) after the top-k, never a ``[B, H, N]`` mask, no host sync. Runs wherever
-    Triton runs (CUDA, or the interpreter in tests); the methods call it when
-    :func:`use_triton_estimator` holds and keep ``rank_mask`` + ``from_token_mask`` on the CPU.
+    How: float16 / bfloat16 / float32 scores go through
+    :func:`~sparseattn.kernels.radix_topk_triton.radix_top_positions` (a Triton radix select over
+    row chunks that emits each row's picks ascending, ties to the lower position: no sort after
+    it for ``G = 1``); float64 scores through :func:`topk_positions` (``torch.topk``) and a sort.
+    A union over ``G`` query heads sorts its ``G * k`` picks (short rows). Then one Triton launch
+    (:func:`~sparseattn.kernels.topk_tokens_triton.assemble_token_selection`) writes the rows:
+    never a ``[B, H, N]`` mask, no host sync. Runs wherever Triton runs (CUDA, or the interpreter
+    in tests); the methods call it when :func:`use_triton_estimator` holds and keep ``rank_mask``
+    + ``from_token_mask`` on the CPU.
 
     Ties: ``rank_mask`` (stable sort) keeps the lower position among equal scores at the budget's
-    edge; ``torch.topk`` promises no order among ties (on CUDA or CPU), so without
-    ``stable_ties`` this path may pick another, equally scored token there. The selection is
-    still valid and of the same size. NaN scores are never read (they rank first, as in
-    ``torch.topk``, then are dropped).
+    edge, and so does the radix select, so on float16/bfloat16/float32 scores the result equals
+    the PyTorch path's whatever ``stable_ties`` says. For float64 scores ``torch.topk`` promises
+    no order among ties, so without ``stable_ties`` a tie at the budget's edge may go to another,
+    equally scored token (a valid selection of the same size). NaN scores are never read (the radix
+    select skips them; ``torch.topk`` ranks them first, then they are dropped).
     """
     if not isinstance(score, torch.Tensor) or score.dim() not in (3, 4) or not score.dtype.is_floating_point:
         got = (score.dtype, tuple(score.shape)) if isinstance(score, torch.Tensor) else type(score).__name__
@@ -283,12 +287,18 @@ def topk_token_selection(score: torch.Tensor, k: int, *, lengths: torch.Tensor, 
     if width is None:
         width = max(1, min(N, sink + G * k + forced_last))
     check_int("width", width, minimum=1)
+    from ..kernels.radix_topk_triton import SCORE_DTYPES as RADIX_SCORE_DTYPES, radix_top_positions
     from ..kernels.topk_tokens_triton import assemble_token_selection
 
     kk = min(k, N)
     if kk > 0 and B * H > 0:
-        keys = topk_positions(score, kk, stable_ties=stable_ties)  # dropped picks read N: never a candidate
-        keys = keys.reshape(B, H, G * kk).sort(dim=-1).values  # a union's repeats become neighbours
+        if score.dtype in RADIX_SCORE_DTYPES:  # ascending per row already; dropped picks read N
+            keys = radix_top_positions(score, kk).reshape(B, H, G * kk)
+            if G > 1:
+                keys = keys.sort(dim=-1).values  # a union's repeats become neighbours
+        else:
+            keys = topk_positions(score, kk, stable_ties=stable_ties)  # dropped picks read N: never a candidate
+            keys = keys.reshape(B, H, G * kk).sort(dim=-1).values
     else:  # nothing to pick: one sentinel column
         keys = torch.full((B, H, 1), N, dtype=torch.int32, device=score.device)
     counts, tokens = assemble_token_selection(keys, lengths, width=width, sink=sink, forced_last=forced_last)
