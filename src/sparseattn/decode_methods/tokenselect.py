@@ -32,9 +32,11 @@ class TokenSelect(DecodeMethod):
        every key: a dense step's worth of key traffic). Soft vote ``S(j) = sum_h s_h(j)`` over *all*
        query heads of the layer (each head has one vote of total mass 1; ``get_topk_tokens``).
        Optional smoothing ``S <- maxpool1d(S, kernel_size)`` over the candidates.
-    4. The ``top_k`` best candidates (ties: lower position; on CUDA without pooling, where exact
-       ties are rare, ``torch.topk`` picks among tied entries) plus the forced tokens form one
-       list per layer, shared by every head (selection ``H = 1``).
+    4. The ``top_k`` best candidates (ties: lower position; on CUDA by the radix select of
+       :func:`~sparseattn.decode_methods.base.topk_token_selection`, which breaks ties the same
+       way; with the selection cache ``torch.topk`` may pick among tied entries unless pooling
+       asks for stable ties) plus the forced tokens form one list per layer, shared by every head
+       (selection ``H = 1``).
     5. Selection cache (``selection_cache=True``): per layer and sequence the fingerprint and
        top-k of the last refresh are kept in :meth:`state`; when ``cos(qbar_now, qbar_cached) >=
        similarity_threshold`` (fingerprints = all heads concatenated) the cached top-k is used,

@@ -1,8 +1,9 @@
 """Triton assembly of a token-level ``DecodeSelection`` from sorted top-k positions.
 
 The token-level decode methods (TokenSelect, TidalDecode, Double Sparsity, Recycled Attention)
-pick ``k`` tokens per row with ``torch.topk`` and sort the ``k`` (or ``G * k`` for a union over
-query heads) picked positions; ``_assemble_tokens`` then writes each row's selection in one pass
+pick ``k`` tokens per row (``kernels/radix_topk_triton.py``, ascending; or ``torch.topk`` and a
+sort) and, for a union over query heads, sort the ``G * k`` picked positions; ``_assemble_tokens``
+then writes each row's selection in one pass
 over those sorted positions: the forced head ``[0, s0)``, the picks that are candidates (once
 each: a union's duplicates sit next to each other after the sort), the forced tail
 ``[r0, len)``, zeros after the count. O(k) per row instead of the O(N) mask compaction of
