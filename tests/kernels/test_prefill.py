@@ -63,8 +63,10 @@ def test_gqa_and_plan_head_sharing(backend, group, plan_heads):
 @pytest.mark.parametrize("plan_kind,plan_heads", [("none", "q"), ("random", "kv"), ("band", "one"), ("extra", "kv")])
 def test_gqa_packed_programs_match_unpacked(group, plan_kind, plan_heads):
     # Packing the heads of a group into one program computes the same function: both pass the
-    # tolerance rule. In the interpreter they are bitwise equal; on a GPU the packed tile puts
-    # rows in other MMA lanes, which may change the last bit of the fp32 accumulators.
+    # tolerance rule. In the interpreter they also agree to about the last bit (numpy's matmul may
+    # round a packed tile's dot products differently from the per-head ones: seen with numpy 2.4:
+    # 1 fp32 ulp of the LSE, 1 bf16 ulp of a few outputs); on a GPU the packed tile puts rows in
+    # other MMA lanes, which may change the last bits of the fp32 accumulators.
     from sparseattn.kernels.prefill_triton import attention_triton
 
     Hkv = 2 if group <= 3 else 1
@@ -78,7 +80,8 @@ def test_gqa_packed_programs_match_unpacked(group, plan_kind, plan_heads):
     assert_tolerance(packed[0], packed[1], ref, ref_lse, pt)
     assert_tolerance(plain[0], plain[1], ref, ref_lse, pt)
     if not HAS_CUDA:
-        assert torch.equal(packed[0], plain[0]) and torch.equal(packed[1], plain[1])
+        torch.testing.assert_close(packed[1], plain[1], rtol=4e-6, atol=0.0)  # a few fp32 ulps
+        torch.testing.assert_close(packed[0].float(), plain[0].float(), rtol=2.0**-7, atol=1e-6)  # one bf16 ulp
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
