@@ -221,11 +221,13 @@ def test_tokenselect(monkeypatch, Lq, G):
         assert_same(got, want)
 
 
-def test_tokenselect_selection_cache(monkeypatch):
-    # The cache path keeps its masks; only the sort became a top-k. Two method objects, one per
-    # path, see the same queries (a repeat hits the cache, a new one misses).
+@pytest.mark.parametrize("kernel_size", [-1, 3])
+def test_tokenselect_selection_cache(monkeypatch, kernel_size):
+    # The cache path keeps its masks; only the sort became a (radix) top-k. Two method objects, one
+    # per path, see the same queries (a repeat hits the cache, a new one misses). Max-pooling makes
+    # plateaus of tied votes: the radix select breaks them like the sort.
     cache, _ = setup(1, 2)
-    kw = dict(n_init=3, n_local=5, top_k=7, selection_cache=True, similarity_threshold=0.5)
+    kw = dict(n_init=3, n_local=5, top_k=7, selection_cache=True, similarity_threshold=0.5, kernel_size=kernel_size)
     new, old = get_decode_method("tokenselect", **kw), get_decode_method("tokenselect", **kw)
     for seed in (5, 5, 6, 6):
         q = make_q(len(LENGTHS), 4, 1, 16, torch.float32, seed=seed)

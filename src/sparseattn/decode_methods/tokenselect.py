@@ -34,9 +34,8 @@ class TokenSelect(DecodeMethod):
        Optional smoothing ``S <- maxpool1d(S, kernel_size)`` over the candidates.
     4. The ``top_k`` best candidates (ties: lower position; on CUDA by the radix select of
        :func:`~sparseattn.decode_methods.base.topk_token_selection`, which breaks ties the same
-       way; with the selection cache ``torch.topk`` may pick among tied entries unless pooling
-       asks for stable ties) plus the forced tokens form one list per layer, shared by every head
-       (selection ``H = 1``).
+       way, with or without the selection cache) plus the forced tokens form one list per layer,
+       shared by every head (selection ``H = 1``).
     5. Selection cache (``selection_cache=True``): per layer and sequence the fingerprint and
        top-k of the last refresh are kept in :meth:`state`; when ``cos(qbar_now, qbar_cached) >=
        similarity_threshold`` (fingerprints = all heads concatenated) the cached top-k is used,
@@ -152,8 +151,13 @@ class TokenSelect(DecodeMethod):
                                         forced_last=self.n_local + Lq - 1, stable_ties=pooled)
         if fast:  # the selection cache works on masks: only the full sort is replaced (by a top-k)
             fresh = torch.zeros(B, n + 1, dtype=torch.bool, device=dev)
-            if self.top_k > 0:  # dropped picks read n: the spare column
-                fresh.scatter_(-1, topk_positions(score, self.top_k, stable_ties=pooled).long(), True)
+            k = min(self.top_k, n)
+            if k > 0:  # dropped picks read n: the spare column
+                from ..kernels.radix_topk_triton import SCORE_DTYPES, radix_top_positions
+
+                picks = radix_top_positions(score, k) if score.dtype in SCORE_DTYPES else \
+                    topk_positions(score, k, stable_ties=pooled)
+                fresh.scatter_(-1, picks.long(), True)
             fresh = fresh[:, :n]
         else:
             fresh = rank_mask(score, torch.full((B,), self.top_k, dtype=torch.long, device=dev)) & candidate
