@@ -229,6 +229,20 @@ def topk_positions(score: torch.Tensor, k: int, *, stable_ties: bool = False) ->
     return torch.where((val > _NEG_INF_KEY) & (val <= _POS_INF_KEY), pos, N)
 
 
+def ascending_top_positions(score: torch.Tensor, k: int, *, stable_ties: bool = False) -> torch.Tensor:
+    """int32 ``[..., min(k, N)]``: each row's ``k`` best positions, ascending, picked ``-inf``/NaN
+    entries as ``N`` at the end. float16 / bfloat16 / float32 scores take the Triton radix select
+    (:func:`~sparseattn.kernels.radix_topk_triton.radix_top_positions`: ascending already, ties to
+    the lower position, so ``stable_ties`` holds anyway); float64 takes :func:`topk_positions` and
+    a sort. Runs wherever Triton runs (CUDA, or the interpreter)."""
+    from ..kernels.radix_topk_triton import SCORE_DTYPES, radix_top_positions
+
+    kk = min(k, score.shape[-1])
+    if score.dtype in SCORE_DTYPES:
+        return radix_top_positions(score, kk)
+    return topk_positions(score, kk, stable_ties=stable_ties).sort(dim=-1).values
+
+
 def topk_token_selection(score: torch.Tensor, k: int, *, lengths: torch.Tensor, page_size: int,
                          width: Optional[int] = None, sink: int = 0, forced_last: int = 0,
                          stable_ties: bool = False) -> DecodeSelection:
@@ -255,10 +269,9 @@ def topk_token_selection(score: torch.Tensor, k: int, *, lengths: torch.Tensor, 
         (zeros after the count): the same tensors as ``rank_mask`` + ``from_token_mask`` give on
         scores without ties (with ``stable_ties``: on any scores).
 
-    How: float16 / bfloat16 / float32 scores go through
-    :func:`~sparseattn.kernels.radix_topk_triton.radix_top_positions` (a Triton radix select over
-    row chunks that emits each row's picks ascending, ties to the lower position: no sort after
-    it for ``G = 1``); float64 scores through :func:`topk_positions` (``torch.topk``) and a sort.
+    How: :func:`ascending_top_positions` (float16 / bfloat16 / float32: a Triton radix select over
+    row chunks that emits each row's picks ascending, ties to the lower position, no sort after it
+    for ``G = 1``; float64: ``torch.topk`` and a sort).
     A union over ``G`` query heads sorts its ``G * k`` picks (short rows). Then one Triton launch
     (:func:`~sparseattn.kernels.topk_tokens_triton.assemble_token_selection`) writes the rows:
     never a ``[B, H, N]`` mask, no host sync. Runs wherever Triton runs (CUDA, or the interpreter
@@ -287,18 +300,14 @@ def topk_token_selection(score: torch.Tensor, k: int, *, lengths: torch.Tensor, 
     if width is None:
         width = max(1, min(N, sink + G * k + forced_last))
     check_int("width", width, minimum=1)
-    from ..kernels.radix_topk_triton import SCORE_DTYPES as RADIX_SCORE_DTYPES, radix_top_positions
     from ..kernels.topk_tokens_triton import assemble_token_selection
 
     kk = min(k, N)
     if kk > 0 and B * H > 0:
-        if score.dtype in RADIX_SCORE_DTYPES:  # ascending per row already; dropped picks read N
-            keys = radix_top_positions(score, kk).reshape(B, H, G * kk)
-            if G > 1:
-                keys = keys.sort(dim=-1).values  # a union's repeats become neighbours
-        else:
-            keys = topk_positions(score, kk, stable_ties=stable_ties)  # dropped picks read N: never a candidate
-            keys = keys.reshape(B, H, G * kk).sort(dim=-1).values
+        # Ascending per row; dropped picks read N: never a candidate.
+        keys = ascending_top_positions(score, kk, stable_ties=stable_ties).reshape(B, H, G * kk)
+        if G > 1:
+            keys = keys.sort(dim=-1).values  # a union's repeats become neighbours
     else:  # nothing to pick: one sentinel column
         keys = torch.full((B, H, 1), N, dtype=torch.int32, device=score.device)
     counts, tokens = assemble_token_selection(keys, lengths, width=width, sink=sink, forced_last=forced_last)

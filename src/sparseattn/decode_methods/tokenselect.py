@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..decode_api import DecodeSelection
 from ..methods.base import check_float, check_int, compact_rows, rank_mask, use_triton_estimator
 from ..methods.registry import register
-from .base import DecodeMethod, exact_logits, score_dtype, topk_positions, topk_token_selection
+from .base import DecodeMethod, ascending_top_positions, exact_logits, score_dtype, topk_token_selection
 
 
 @register
@@ -151,13 +151,8 @@ class TokenSelect(DecodeMethod):
                                         forced_last=self.n_local + Lq - 1, stable_ties=pooled)
         if fast:  # the selection cache works on masks: only the full sort is replaced (by a top-k)
             fresh = torch.zeros(B, n + 1, dtype=torch.bool, device=dev)
-            k = min(self.top_k, n)
-            if k > 0:  # dropped picks read n: the spare column
-                from ..kernels.radix_topk_triton import SCORE_DTYPES, radix_top_positions
-
-                picks = radix_top_positions(score, k) if score.dtype in SCORE_DTYPES else \
-                    topk_positions(score, k, stable_ties=pooled)
-                fresh.scatter_(-1, picks.long(), True)
+            if self.top_k > 0:  # dropped picks read n: the spare column
+                fresh.scatter_(-1, ascending_top_positions(score, self.top_k, stable_ties=pooled).long(), True)
             fresh = fresh[:, :n]
         else:
             fresh = rank_mask(score, torch.full((B,), self.top_k, dtype=torch.long, device=dev)) & candidate
