@@ -84,6 +84,29 @@ def test_gqa_packed_programs_match_unpacked(group, plan_kind, plan_heads):
         torch.testing.assert_close(packed[0].float(), plain[0].float(), rtol=2.0**-7, atol=1e-6)  # one bf16 ulp
 
 
+@needs_triton
+@pytest.mark.parametrize("plan_kind", ["random", "all", "band", "extra"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_paired_block_walk_matches_single_blocks(plan_kind, causal):
+    # Plans whose blocks are one key tile wide walk their unmasked blocks two per step; both walks
+    # pass the tolerance rule and agree closely (the paired step rescales once per two tiles).
+    # Random plans give rows with odd and even counts, and rows with one or no unmasked block.
+    from sparseattn.kernels.prefill_triton import attention_triton, default_config
+
+    D = 32
+    bk = default_config(D, LOW_PRECISION)[1]
+    q, k, v = make_qkv(2, 4, 2, 5 * bk + 7, 6 * bk + 3, D, LOW_PRECISION, DEVICE, seed=11)
+    plan = make_plan(plan_kind, 2, 4, q.shape[2], k.shape[2], bk, bk, device=DEVICE, seed=3, causal=causal)
+    paired = attention_triton(q, k, v, plan, causal=causal, pair_blocks=True, return_lse=True)
+    single = attention_triton(q, k, v, plan, causal=causal, pair_blocks=False, return_lse=True)
+    ref, ref_lse, pt = references(q, k, v, plan, causal=causal)
+    assert_tolerance(paired[0], paired[1], ref, ref_lse, pt)
+    assert_tolerance(single[0], single[1], ref, ref_lse, pt)
+    torch.testing.assert_close(paired[1], single[1], rtol=1e-5, atol=1e-5)
+    # p is rounded to bf16 against a different running max: a few bf16 ulps of the output apart.
+    torch.testing.assert_close(paired[0].float(), single[0].float(), rtol=2.0**-6, atol=2.0**-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_plan_shared_across_batch(backend):
     run_case(backend, 3, 2, 1, 130, 130, 32, plan_batch=1)

@@ -68,6 +68,33 @@ def _attend_tile(acc, l_i, m_i, poison, q, k, v, offs_n, key_ok, pos_m, qk_scale
 
 
 @triton.jit
+def _attend_pair(acc, l_i, m_i, q, k_a, v_a, k_b, v_b, qk_scale,
+                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One unmasked online-softmax step over two key tiles: one running-max update and one
+    rescale of the accumulator for both (small plan blocks cut the tile to 64 keys; pairing
+    them halves the per-tile softmax bookkeeping and gives the scheduler two products at once)."""
+    if UPCAST_DOT:
+        qk_a = tl.dot(q.to(tl.float32), tl.trans(k_a).to(tl.float32), input_precision="ieee")
+        qk_b = tl.dot(q.to(tl.float32), tl.trans(k_b).to(tl.float32), input_precision="ieee")
+    else:
+        qk_a = tl.dot(q, tl.trans(k_a), input_precision=DOT_PRECISION)
+        qk_b = tl.dot(q, tl.trans(k_b), input_precision=DOT_PRECISION)
+    m_new = tl.maximum(m_i, tl.maximum(tl.max(qk_a, 1), tl.max(qk_b, 1)) * qk_scale)
+    p_a = tl.math.exp2(qk_a * qk_scale - m_new[:, None])
+    p_b = tl.math.exp2(qk_b * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p_a, 1) + tl.sum(p_b, 1)
+    acc = acc * alpha[:, None]
+    if UPCAST_DOT:
+        acc = tl.dot(p_a.to(v_a.dtype).to(tl.float32), v_a.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(p_b.to(v_b.dtype).to(tl.float32), v_b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p_a.to(v_a.dtype), v_a, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(p_b.to(v_b.dtype), v_b, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _load_kv(K, V, k_base, v_base, kv_row0, start_n, offs_tile_n, offs_d, k_len,
              stride_kn, stride_kd, stride_vn, stride_vd,
              MASKED: tl.constexpr, USE_TMA: tl.constexpr):
@@ -97,9 +124,29 @@ def _walk_blocks(acc, l_i, m_i, poison, q, K, V, k_base, v_base, kv_row0, idx_ro
                  stride_kn, stride_kd, stride_vn, stride_vd,
                  BLOCK_N: tl.constexpr, PLAN_BLOCK_K: tl.constexpr, IS_DENSE: tl.constexpr,
                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BAND: tl.constexpr, USE_TMA: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Attend the plan's blocks at list positions [t_begin, t_end) (dense: blocks t_begin..t_end-1)."""
+                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, PAIR_BLOCKS: tl.constexpr = False):
+    """Attend the plan's blocks at list positions [t_begin, t_end) (dense: blocks t_begin..t_end-1).
+
+    PAIR_BLOCKS (unmasked phase of a sparse plan whose blocks are one tile wide): two listed blocks
+    per step, then the odd one alone.
+    """
     SUB: tl.constexpr = PLAN_BLOCK_K // BLOCK_N
+    if PAIR_BLOCKS and not IS_DENSE and not MASKED and SUB == 1:
+        n_pairs = (t_end - t_begin) // 2
+        blk_a_next = tl.load(idx_row + t_begin * stride_ik, mask=n_pairs > 0, other=0)
+        blk_b_next = tl.load(idx_row + (t_begin + 1) * stride_ik, mask=n_pairs > 0, other=0)
+        for i in range(n_pairs):
+            blk_a = blk_a_next
+            blk_b = blk_b_next
+            t_next = t_begin + 2 * i + 2
+            blk_a_next = tl.load(idx_row + t_next * stride_ik, mask=t_next < count, other=0)
+            blk_b_next = tl.load(idx_row + (t_next + 1) * stride_ik, mask=t_next + 1 < count, other=0)
+            k_a, v_a, offs_n, key_ok = _load_kv(K, V, k_base, v_base, kv_row0, blk_a * BLOCK_N, offs_tile_n, offs_d,
+                                                k_len, stride_kn, stride_kd, stride_vn, stride_vd, False, USE_TMA)
+            k_b, v_b, offs_n, key_ok = _load_kv(K, V, k_base, v_base, kv_row0, blk_b * BLOCK_N, offs_tile_n, offs_d,
+                                                k_len, stride_kn, stride_kd, stride_vn, stride_vd, False, USE_TMA)
+            acc, l_i, m_i = _attend_pair(acc, l_i, m_i, q, k_a, v_a, k_b, v_b, qk_scale, DOT_PRECISION, UPCAST_DOT)
+        t_begin = t_begin + 2 * n_pairs
     if IS_DENSE:
         for t in range(t_begin, t_end):
             k, v, offs_n, key_ok = _load_kv(K, V, k_base, v_base, kv_row0, t * BLOCK_N, offs_tile_n, offs_d, k_len,
@@ -176,6 +223,7 @@ def _block_sparse_fwd(
     IS_DENSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BAND: tl.constexpr, HAS_EXTRA: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     USE_TMA: tl.constexpr, COUNT_CHUNK: tl.constexpr, GROUP_PACK: tl.constexpr, EXTRA_STAGES: tl.constexpr,
+    PAIR_BLOCKS: tl.constexpr,
 ):
     # K, V are tensor descriptors over [B * Hkv * Lk, D] when USE_TMA, else the same as K_ptr, V_ptr.
     # GROUP_PACK > 1: one program holds the queries of GROUP_PACK heads of one GQA group (rows
@@ -272,7 +320,8 @@ def _block_sparse_fwd(
         acc, l_i, m_i, poison = _walk_blocks(
             acc, l_i, m_i, poison, q, K, V, k_base, v_base, kv_row0, idx_row, stride_ik, 0, band_a, count,
             offs_tile_n, offs_d, pos_m, k_len, qk_scale, sink, window, stride_kn, stride_kd, stride_vn, stride_vd,
-            BLOCK_N, PLAN_BLOCK_K, IS_DENSE, False, CAUSAL, HAS_BAND, USE_TMA, DOT_PRECISION, UPCAST_DOT)
+            BLOCK_N, PLAN_BLOCK_K, IS_DENSE, False, CAUSAL, HAS_BAND, USE_TMA, DOT_PRECISION, UPCAST_DOT,
+            PAIR_BLOCKS)
         acc, l_i, m_i, poison = _walk_blocks(
             acc, l_i, m_i, poison, q, K, V, k_base, v_base, kv_row0, idx_row, stride_ik, band_a, band_b, count,
             offs_tile_n, offs_d, pos_m, k_len, qk_scale, sink, window, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -286,7 +335,8 @@ def _block_sparse_fwd(
     acc, l_i, m_i, poison = _walk_blocks(
         acc, l_i, m_i, poison, q, K, V, k_base, v_base, kv_row0, idx_row, stride_ik, phase1_begin, n_full, count,
         offs_tile_n, offs_d, pos_m, k_len, qk_scale, sink, window, stride_kn, stride_kd, stride_vn, stride_vd,
-        BLOCK_N, PLAN_BLOCK_K, IS_DENSE, False, CAUSAL, HAS_BAND, USE_TMA, DOT_PRECISION, UPCAST_DOT)
+        BLOCK_N, PLAN_BLOCK_K, IS_DENSE, False, CAUSAL, HAS_BAND, USE_TMA, DOT_PRECISION, UPCAST_DOT,
+        PAIR_BLOCKS)
     acc, l_i, m_i, poison = _walk_blocks(
         acc, l_i, m_i, poison, q, K, V, k_base, v_base, kv_row0, idx_row, stride_ik, n_full, n_vis, count,
         offs_tile_n, offs_d, pos_m, k_len, qk_scale, sink, window, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -363,6 +413,19 @@ def default_config(head_dim: int, dtype: torch.dtype) -> tuple:
 # next step's K/V into registers by hand slower than either.
 EXTRA_STAGES = 2
 
+# Plans whose 64-blocks cut the tuned tile to 64 x 64: (walk unmasked blocks two per step,
+# pipeline stages) per head_dim and plan kind. H100, 2026-11-23, scripts/sweep_plans.py on
+# structured q/k/v at 32K (BENCHMARKS.md, prefill methods, session 11; ms, before -> after):
+# D=64 block_topk 1.10 -> 1.05-1.08, vertical_slash (extras) 3.21 -> 2.81-2.83, random 35 %
+# 1.14-1.16 -> 1.07-1.08; band plans (moa) slower paired (2.31 -> 2.39-2.44): unpaired.
+# D=128: pairs slower at 2 stages; unpaired 2 stages beat 3 (block_topk 7.85 -> 6.96,
+# random 35 % 8.77 -> 7.08, vertical_slash 19.4 -> 17.4) except band plans (moa 13.5 vs 14.7).
+# Head dims not listed keep the tuned tile's stages, unpaired.
+_SMALL_BLOCK_RULES = {
+    64: {"plain": (True, 2), "extra": (True, 3), "band": (False, 3)},
+    128: {"plain": (False, 2), "extra": (False, 2), "band": (False, 3)},
+}
+
 # Building two TMA descriptors costs ~30 us of host time per call; below this much work
 # (B * Hq * Lq * Lk) the kernel is too short for TMA to pay that back.
 TMA_MIN_WORK = 1 << 30
@@ -392,12 +455,14 @@ def _small_meta(t: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Optional[BlockPlan], *,
                      causal: bool = True, scale: Optional[float] = None, return_lse: bool = False,
                      config: Optional[tuple] = None, out: Optional[torch.Tensor] = None,
-                     pack_gqa: Optional[bool] = None):
+                     pack_gqa: Optional[bool] = None, pair_blocks: Optional[bool] = None):
     """Launch the kernel on validated inputs (see ``block_sparse_attention``).
 
     ``config`` = ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, use_tma])`` overrides the tuned default;
     ``out`` lets tests hand in a poisoned output buffer. ``pack_gqa`` (default per head_dim) packs
     the query heads of a GQA group into one program when the plan is shared by the group.
+    ``pair_blocks`` walks a plan's unmasked blocks two per step where each block is one 64-key
+    tile (default: ``_SMALL_BLOCK_RULES``).
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -446,6 +511,18 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
 
         k_arg = TensorDescriptor.from_tensor(k.view(B * Hkv * Lk, D), [block_n, D])
         v_arg = TensorDescriptor.from_tensor(v.view(B * Hkv * Lk, D), [block_n, D])
+    # Only tiles cut to a plan's small blocks: two 128-key tiles per step need twice the registers and
+    # shared memory of the tuned dense tile.
+    small_blocks = plan is not None and block_n == plan_block_k and block_n <= 64
+    measured = small_blocks and block_n == 64 and q.dtype != torch.float32
+    rule = _SMALL_BLOCK_RULES.get(D) if measured else None
+    if rule is not None:
+        rule_pair, rule_stages = rule["band" if has_band else "extra" if has_extra else "plain"]
+        if config is None:
+            num_stages = rule_stages
+        if pair_blocks is None:
+            pair_blocks = rule_pair
+    pair_blocks = bool(pair_blocks) and small_blocks
     group = Hq // Hkv
     pack = 1
     if pack_gqa is None:
@@ -475,7 +552,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
         PLAN_BLOCK_Q=plan_block_q, PLAN_BLOCK_K=plan_block_k,
         IS_DENSE=plan is None, CAUSAL=causal, HAS_BAND=has_band, HAS_EXTRA=has_extra,
         RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, USE_TMA=use_tma,
-        COUNT_CHUNK=128, GROUP_PACK=pack, EXTRA_STAGES=EXTRA_STAGES,
+        COUNT_CHUNK=128, GROUP_PACK=pack, EXTRA_STAGES=EXTRA_STAGES, PAIR_BLOCKS=pair_blocks,
         num_warps=num_warps, num_stages=num_stages,
     )
     return (out, lse) if return_lse else out
