@@ -1,7 +1,8 @@
 """Prefill kernel tile configs on real method plans (band plans, 64-blocks), on a GPU.
 
     python scripts/sweep_plans.py [--length 32768] [--shape 32/8/128] [--methods moa,duo,block_topk]
-        [--configs default|all|64,64,4,3,1;...] [--pair both|on|off] [--densities 0.1,0.3]
+        [--configs default|all|64,64,4,3,1;...] [--pair default|both|on|off] [--densities 0.1,0.3]
+        [--pair-max-block 128]
 
 For each method's plan on structured synthetic q/k/v (and random 64-block plans at the given
 densities): our dense kernel, then the plan under each config, with the paired block walk on
@@ -16,6 +17,7 @@ import triton.testing
 import sparseattn as sa
 from sparseattn import BlockPlan
 from sparseattn.bench.synthetic import structured_qkv
+from sparseattn.kernels import prefill_triton
 from sparseattn.kernels.prefill_triton import attention_triton, default_config
 
 p = argparse.ArgumentParser()
@@ -23,9 +25,13 @@ p.add_argument("--length", type=int, default=32768)
 p.add_argument("--shape", default="32/8/128")
 p.add_argument("--methods", default="moa,duo,block_topk,vertical_slash")
 p.add_argument("--configs", default="all", help="'default', 'all' or 'BM,BN,warps,stages,tma;...'")
-p.add_argument("--pair", default="on", choices=["on", "off", "both"])
+p.add_argument("--pair", default="default", choices=["default", "on", "off", "both"],
+               help="the paired walk: the kernel's rule (default), forced on / off, or both forced")
 p.add_argument("--densities", default="", help="random 64-block plans at these block densities")
+p.add_argument("--pair-max-block", type=int, default=None, help="widest key tile the paired walk may pair")
 args = p.parse_args()
+if args.pair_max_block:
+    prefill_triton.PAIR_MAX_BLOCK_N = args.pair_max_block
 Hq, Hkv, D = (int(x) for x in args.shape.split("/"))
 q, k, v = structured_qkv(1, Hq, Hkv, args.length, D, seed=0, device="cuda", dtype=torch.bfloat16)
 ALL_CONFIGS = [(128, 128, 8, 3, True), (128, 128, 8, 2, True), (128, 64, 8, 3, True), (128, 64, 4, 3, True),
@@ -37,7 +43,7 @@ elif args.configs == "default":
 else:
     CONFIGS = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")]
     CONFIGS = [c[:4] + (bool(c[4]),) if len(c) > 4 else c for c in CONFIGS]
-PAIRS = {"on": [True], "off": [False], "both": [False, True]}[args.pair]
+PAIRS = {"default": [None], "on": [True], "off": [False], "both": [False, True]}[args.pair]
 
 
 def bench(fn):
@@ -66,7 +72,7 @@ for name, plan in plans:
                     ref = out.float()
                 err = (out.float() - ref).abs().max().item()
                 t = bench(lambda: attention_triton(q, k, v, plan, config=cfg, pair_blocks=pair))
-                print(f"   {str(cfg):28s} pair={int(pair)} {t:8.3f} ms  x{t / (density * dense_ms):.2f} ideal"
+                print(f"   {str(cfg):28s} pair={'-' if pair is None else int(pair)} {t:8.3f} ms  x{t / (density * dense_ms):.2f} ideal"
                       f"  maxdiff {err:.2e}")
             except Exception as exc:
-                print(f"   {str(cfg):28s} pair={int(pair)} failed: {type(exc).__name__}: {exc}"[:300])
+                print(f"   {str(cfg):28s} pair={'-' if pair is None else int(pair)} failed: {type(exc).__name__}: {exc}"[:300])

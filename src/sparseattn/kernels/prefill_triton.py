@@ -426,6 +426,9 @@ _SMALL_BLOCK_RULES = {
     128: {"plain": (False, 2), "extra": (False, 2), "band": (False, 3)},
 }
 
+# The paired walk's widest key tile (a sweep may raise it to try pairs of 128-key tiles).
+PAIR_MAX_BLOCK_N = 64
+
 # Building two TMA descriptors costs ~30 us of host time per call; below this much work
 # (B * Hq * Lq * Lk) the kernel is too short for TMA to pay that back.
 TMA_MIN_WORK = 1 << 30
@@ -513,7 +516,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
         v_arg = TensorDescriptor.from_tensor(v.view(B * Hkv * Lk, D), [block_n, D])
     # Only tiles cut to a plan's small blocks: two 128-key tiles per step need twice the registers and
     # shared memory of the tuned dense tile.
-    small_blocks = plan is not None and block_n == plan_block_k and block_n <= 64
+    small_blocks = plan is not None and block_n == plan_block_k and block_n <= PAIR_MAX_BLOCK_N
     measured = small_blocks and block_n == 64 and q.dtype != torch.float32
     rule = _SMALL_BLOCK_RULES.get(D) if measured else None
     if rule is not None:
