@@ -84,21 +84,28 @@ def test_gqa_packed_programs_match_unpacked(group, plan_kind, plan_heads):
         torch.testing.assert_close(packed[0].float(), plain[0].float(), rtol=2.0**-7, atol=1e-6)  # one bf16 ulp
 
 
+PAIRED_CASES = [(kind, causal, LOW_PRECISION, False) for kind in ("random", "all", "band", "extra")
+                for causal in (True, False)]
+PAIRED_CASES += [("random", True, torch.float16, False), ("random", True, LOW_PRECISION, True),
+                 ("band", True, LOW_PRECISION, True)]
+
+
 @needs_triton
-@pytest.mark.parametrize("plan_kind", ["random", "all", "band", "extra"])
-@pytest.mark.parametrize("causal", [True, False])
-def test_paired_block_walk_matches_single_blocks(plan_kind, causal):
+@pytest.mark.parametrize("plan_kind,causal,dtype,packed", PAIRED_CASES)
+def test_paired_block_walk_matches_single_blocks(plan_kind, causal, dtype, packed):
     # Plans whose blocks are one key tile wide walk their unmasked blocks two per step; both walks
     # pass the tolerance rule and agree closely (the paired step rescales once per two tiles).
     # Random plans give rows with odd and even counts, and rows with one or no unmasked block.
+    # ``packed``: a plan shared by each GQA group, its heads packed into one program.
     from sparseattn.kernels.prefill_triton import attention_triton, default_config
 
     D = 32
-    bk = default_config(D, LOW_PRECISION)[1]
-    q, k, v = make_qkv(2, 4, 2, 5 * bk + 7, 6 * bk + 3, D, LOW_PRECISION, DEVICE, seed=11)
-    plan = make_plan(plan_kind, 2, 4, q.shape[2], k.shape[2], bk, bk, device=DEVICE, seed=3, causal=causal)
-    paired = attention_triton(q, k, v, plan, causal=causal, pair_blocks=True, return_lse=True)
-    single = attention_triton(q, k, v, plan, causal=causal, pair_blocks=False, return_lse=True)
+    bk = default_config(D, dtype)[1]
+    q, k, v = make_qkv(2, 4, 2, 5 * bk + 7, 6 * bk + 3, D, dtype, DEVICE, seed=11)
+    plan = make_plan(plan_kind, 2, 2 if packed else 4, q.shape[2], k.shape[2], bk, bk, device=DEVICE, seed=3,
+                     causal=causal)
+    paired = attention_triton(q, k, v, plan, causal=causal, pair_blocks=True, return_lse=True, pack_gqa=packed)
+    single = attention_triton(q, k, v, plan, causal=causal, pair_blocks=False, return_lse=True, pack_gqa=packed)
     ref, ref_lse, pt = references(q, k, v, plan, causal=causal)
     assert_tolerance(paired[0], paired[1], ref, ref_lse, pt)
     assert_tolerance(single[0], single[1], ref, ref_lse, pt)
