@@ -43,6 +43,11 @@ class DecodeSelection:
     * ``token_counts`` / ``tokens`` ``[B, H, maxT]`` (optional): single token positions, strictly
       ascending, never inside a selected page (they would count twice).
     * ``page_size``: the cache's page size the pages refer to.
+    * ``token_logits`` float32 ``[B, Hkv, G, Lq, maxT]`` (optional, with ``tokens``; ``G = Hq / Hkv``):
+      the step's query logits over the token list, ``logits_scale * q . k`` per lane (what
+      :func:`~sparseattn.kernels.list_logits_triton.list_logits_triton` returns), for a method that
+      computed them while selecting (H2O, TOVA): the kernels then read only the listed tokens'
+      values. They belong to the queries they were computed from: pass those to the attention.
 
     Either part may be ``None`` (not both). Parts of a partially filled last page past the
     sequence's length are never read. The ``Lq`` queries of a step see the selected keys up to
@@ -54,6 +59,8 @@ class DecodeSelection:
     page_size: int
     token_counts: Optional[torch.Tensor] = None
     tokens: Optional[torch.Tensor] = None
+    token_logits: Optional[torch.Tensor] = None
+    logits_scale: Optional[float] = None
 
     def __post_init__(self):
         if not isinstance(self.page_size, int) or isinstance(self.page_size, bool) or self.page_size <= 0:
@@ -81,6 +88,20 @@ class DecodeSelection:
             if shape is not None and tuple(c.shape) != shape:
                 raise ValueError(f"page and token parts must share [B, H], got {shape} and {tuple(c.shape)}")
             shape, device = tuple(c.shape), c.device
+        if self.token_logits is not None:
+            lg = self.token_logits
+            if self.tokens is None:
+                raise ValueError("token_logits need tokens: they are logits over the token list")
+            if not isinstance(lg, torch.Tensor) or lg.dtype != torch.float32 or lg.dim() != 5:
+                got = (lg.dtype, tuple(lg.shape)) if isinstance(lg, torch.Tensor) else type(lg).__name__
+                raise ValueError(f"token_logits must be a float32 [B, Hkv, G, Lq, maxT] tensor, got {got}")
+            if lg.shape[-1] != self.tokens.shape[-1] or lg.device != self.tokens.device:
+                raise ValueError(f"token_logits must have the tokens' width {self.tokens.shape[-1]} and device "
+                                 f"{self.tokens.device}, got {tuple(lg.shape)} on {lg.device}")
+        if self.logits_scale is not None and not (isinstance(self.logits_scale, (int, float))
+                                                  and not isinstance(self.logits_scale, bool)
+                                                  and self.logits_scale > 0):
+            raise ValueError(f"logits_scale must be a positive number or None, got {self.logits_scale!r}")
 
     # ------------------------------------------------------------------ facts
     @property
@@ -109,7 +130,7 @@ class DecodeSelection:
 
     def to(self, device) -> "DecodeSelection":
         moved = {n: (None if getattr(self, n) is None else getattr(self, n).to(device))
-                 for n in ("page_counts", "pages", "token_counts", "tokens")}
+                 for n in ("page_counts", "pages", "token_counts", "tokens", "token_logits")}
         return replace(self, **moved)
 
     # ------------------------------------------------------------------ constructors
@@ -164,7 +185,8 @@ class DecodeSelection:
         tokens = tokens.to(torch.int32)
         if counts is None:
             counts = torch.full(tokens.shape[:2], tokens.shape[-1], dtype=torch.int32, device=tokens.device)
-        return replace(self, token_counts=counts.to(torch.int32), tokens=tokens.contiguous())
+        return replace(self, token_counts=counts.to(torch.int32), tokens=tokens.contiguous(), token_logits=None,
+                       logits_scale=None)
 
     @classmethod
     def from_tokens(cls, tokens: torch.Tensor, counts: Optional[torch.Tensor] = None, *, page_size: int
@@ -328,6 +350,10 @@ def check_decode_inputs(q: torch.Tensor, cache: PagedKVCache, layer: int,
                              f"serves its GQA group (aggregate per-query-head scores per group first){hint}")
         if selection.device != q.device:
             raise ValueError(f"selection is on {selection.device} but q is on {q.device}; use selection.to(device)")
+        lg = selection.token_logits
+        if lg is not None and tuple(lg.shape[:4]) != (B, Hkv, Hq // Hkv, Lq):
+            raise ValueError(f"selection.token_logits must be [B, Hkv, G, Lq, maxT] = [{B}, {Hkv}, {Hq // Hkv}, {Lq}, "
+                             f"...] for these queries, got {tuple(lg.shape)}{hint}")
     return B, Hq, Lq, D
 
 
@@ -371,7 +397,8 @@ def sparse_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int,
         sel = dict(dense=True, dense_pages=-(-cache.max_length(layer) // cache.page_size))
     else:
         sel = dict(pages=selection.pages, page_counts=selection.page_counts, tokens=selection.tokens,
-                   token_counts=selection.token_counts)
+                   token_counts=selection.token_counts, token_logits=selection.token_logits,
+                   logits_scale=selection.logits_scale)
     args = (q, cache.k_pages(layer), cache.v_pages(layer), cache.page_table_storage, lengths)
     if chosen == "triton":
         from .kernels.decode_triton import decode_attention_triton

@@ -88,8 +88,10 @@ def random_state(B, H, G, Lq, lengths, *, shared, seed, const_logits=False, full
 
 def torch_tail(method, st, logits, lengths, W, monkeypatch):
     """The method's own PyTorch tail on ``st`` (in place), fed the softmax of ``logits``."""
-    def fake_listed_attention(q, cache, layer, tokens, counts):
-        return torch.softmax(logits[:, :, :, -q.shape[2]:], dim=-1).nan_to_num(0.0).sum(3)
+    def fake_listed_attention(q, cache, layer, tokens, counts, return_logits=False):
+        rows = logits[:, :, :, -q.shape[2]:]
+        mass = torch.softmax(rows, dim=-1).nan_to_num(0.0).sum(3)
+        return (mass, rows) if return_logits else mass
 
     with monkeypatch.context() as m:
         m.setattr(dm_h2o, "listed_attention", fake_listed_attention)

@@ -334,6 +334,76 @@ def test_prefetch_variants_agree(prefetch, num_splits, block_n):
     assert_tolerance(out, lse, ref, ref_lse, pt, factor=3.0)
 
 
+def _list_logits(q, cache, sel, scale):
+    from sparseattn.kernels.list_logits_triton import list_logits_torch
+
+    return list_logits_torch(q, cache.k_pages(0), cache.page_table, sel.tokens, sel.token_counts,
+                             cache.layer_lengths(0), page_size=cache.page_size, scale=scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,Lq,group,scale", [("tokens", 1, 4, None), ("pages_tokens", 1, 3, None),
+                                                 ("tokens", 3, 2, None), ("pages_tokens", 2, 1, 0.3)])
+def test_given_token_logits_replace_the_key_products(backend, kind, Lq, group, scale):
+    # H2O / TOVA hand the attention the logits they scored the list with: the kernels read the
+    # token part's values only. With the true logits the result is the attention itself (the
+    # oracle); logits made with another scale are rescaled to the attention's.
+    from dataclasses import replace
+
+    B, Hkv, D = 3, 2, 32
+    cache = make_cache(B, Hkv, D, [150, 77, 9])
+    sel = random_selection(cache, Hkv, kind=kind, density=0.4, n_tokens=40)
+    q = make_q(B, Hkv * group, Lq, D, torch.bfloat16)
+    logits = _list_logits(q, cache, sel, 0.5)
+    given = replace(sel, token_logits=logits, logits_scale=0.5)
+    out, lse = sparse_decode_attention(q, cache, 0, given, backend=backend, return_lse=True, scale=scale)
+    ref, ref_lse, pt = oracle(q, cache, 0, sel, scale)
+    assert_tolerance(out, lse, ref, ref_lse, pt, factor=FACTOR[backend])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_given_token_logits_are_what_the_kernels_use(backend):
+    # Logits of other queries (a token-only selection): the output is those queries' attention.
+    # And a view of the last query's rows (TOVA scores with the last query only).
+    from dataclasses import replace
+
+    cache = make_cache(2, 2, 32, [150, 77])
+    sel = random_selection(cache, 2, kind="tokens", n_tokens=40)
+    q, other = make_q(2, 8, 1, 32, torch.bfloat16, seed=3), make_q(2, 8, 1, 32, torch.bfloat16, seed=4)
+    out, lse = sparse_decode_attention(q, cache, 0, replace(sel, token_logits=_list_logits(other, cache, sel, 32 ** -0.5)),
+                                       backend=backend, return_lse=True)
+    ref, ref_lse, pt = oracle(other, cache, 0, sel)
+    assert_tolerance(out, lse, ref, ref_lse, pt, factor=FACTOR[backend])
+    q3 = make_q(2, 8, 3, 32, torch.bfloat16, seed=5)
+    last = _list_logits(q3, cache, sel, 32 ** -0.5)[:, :, :, -1:]  # [B, Hkv, G, 1, W], rows 3 W apart
+    out, lse = sparse_decode_attention(q3[:, :, -1:], cache, 0, replace(sel, token_logits=last), backend=backend,
+                                       return_lse=True)
+    ref, ref_lse, pt = oracle(q3[:, :, -1:], cache, 0, sel)
+    assert_tolerance(out, lse, ref, ref_lse, pt, factor=FACTOR[backend])
+
+
+def test_given_token_logits_validation():
+    from dataclasses import replace
+
+    cache = make_cache(2, 2, 32, [40, 20])
+    sel = random_selection(cache, 2, kind="tokens", n_tokens=6)
+    q = make_q(2, 4, 1, 32, torch.bfloat16)
+    logits = _list_logits(q, cache, sel, 0.2)
+    pages = random_selection(cache, 2, kind="pages")
+    with pytest.raises(ValueError, match="need tokens"):
+        replace(pages, token_logits=logits)
+    with pytest.raises(ValueError, match="float32"):
+        replace(sel, token_logits=logits.double())
+    with pytest.raises(ValueError, match="width"):
+        replace(sel, token_logits=logits[..., :-1])
+    with pytest.raises(ValueError, match="logits_scale"):
+        replace(sel, token_logits=logits, logits_scale=-1.0)
+    with pytest.raises(ValueError, match=r"\[B, Hkv, G, Lq, maxT\]"):
+        sparse_decode_attention(make_q(2, 4, 2, 32, torch.bfloat16), cache, 0, replace(sel, token_logits=logits))
+    assert sel.with_tokens(sel.tokens, sel.token_counts).token_logits is None
+    assert replace(sel, token_logits=logits).to(DEVICE).token_logits is not None
+
+
 @needs_triton
 def test_many_query_rows_use_several_row_tiles():
     # G * Lq = 8 * 9 = 72 rows > 64 rows per program.

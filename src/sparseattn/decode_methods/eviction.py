@@ -54,7 +54,7 @@ bound plus :data:`SELECTION_SLACK` (SnapKV / PyramidKV grow by ``Lq`` per step).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, List, Optional, Tuple
 
 import torch
@@ -148,7 +148,7 @@ def kept_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, keep: torch
 
 
 def listed_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, tokens: torch.Tensor,
-                     counts: torch.Tensor, *, scale: Optional[float] = None) -> torch.Tensor:
+                     counts: torch.Tensor, *, scale: Optional[float] = None, return_logits: bool = False):
     """:func:`kept_attention` over a kept-token list: O(list width) instead of O(N).
 
     ``q [B, Hq, Lq, D]`` as there (rows bottom-right aligned to each length); ``tokens`` int32
@@ -159,6 +159,8 @@ def listed_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, tokens: t
     ``[B, Hkv, G, W]``: entry ``j`` is the probability mass token ``tokens[..., j]`` receives from
     each query head, summed over the rows; 0 past the count. With the list holding exactly the
     keep mask's tokens this is :func:`kept_attention` read at the listed positions.
+    ``return_logits``: also return the scaled logits ``[B, Hkv, G, Lq, W]`` it computed (float32;
+    float64 for float64 inputs).
     """
     from ..kernels.list_logits_triton import list_logits_torch
 
@@ -173,7 +175,8 @@ def listed_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, tokens: t
     else:
         logits = list_logits_torch(*args, page_size=cache.page_size, scale=scale)
     # (a row that sees nothing, e.g. an empty list, is all -inf: its NaNs become 0)
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(3)
+    mass = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(3)
+    return (mass, logits) if return_logits else mass
 
 
 def listed_lanes(tokens: torch.Tensor, counts: torch.Tensor, row_width: int):
@@ -480,16 +483,28 @@ class StepEvictionMethod(EvictionMethod):
     # tests set it on an instance to run that path as the oracle of the list path.
     _score_from_list: ClassVar[bool] = True
 
+    # False: the attention recomputes the step's logits over the list instead of reading the ones
+    # the scoring computed (the tests set it on an instance to compare the two).
+    _reuse_logits: ClassVar[bool] = True
+
     def _select(self, q, cache, layer):
         st = self._prepare(cache, layer)
         sel = self._selection(st, cache, snapshot=True)  # what this step reads: kept + new tokens
         if self._score_from_list and "tokens" in st:  # _selection built the list: score and evict over it
-            self._observe_listed(q, cache, layer, st, self._list_width(st, cache.max_pages * cache.page_size))
+            logits = self._observe_listed(q, cache, layer, st,
+                                          self._list_width(st, cache.max_pages * cache.page_size))
+            if logits is not None and self._reuse_logits:
+                # The scoring's logits are over the snapshot's lanes (the list before this step's
+                # eviction): the attention reads them instead of the keys.
+                sel = replace(sel, token_logits=logits, logits_scale=q.shape[-1] ** -0.5)
         else:
             self._observe(q, cache, layer, st, evict=True)
         return sel
 
     def _observe_listed(self, q, cache, layer, st, width):
         """:meth:`_observe` with ``evict=True``, reading only the first ``width`` entries of the
-        kept-token list (every kept token is there): O(width) work, the same result."""
+        kept-token list (every kept token is there): O(width) work, the same result. Returns the
+        logits of all ``Lq`` queries over the list's ``width`` lanes (``[B, Hkv, G, Lq, width]``,
+        scale ``D ** -0.5``) when it computed them, else None."""
         self._observe(q, cache, layer, st, evict=True)
+        return None

@@ -146,10 +146,11 @@ class H2O(StepEvictionMethod):
                 evict_listed_h2o(logits, tokens, counts, scores, st["keep"], lengths, st["hh"], st["recent"],
                                  how=self.gqa_score_agg)
                 st["bound"] = [min(b, c) for b, c in zip(st["bound"], st["budget_host"])]
-                return
+                return logits
         lanes = listed_lanes(tokens, counts, scores.shape[-1])
         pos, _, live, _ = lanes
-        mass = group_reduce(listed_attention(q, cache, layer, tokens, counts), self.gqa_score_agg)  # [B, H, W]
+        mass, logits = listed_attention(q, cache, layer, tokens, counts, return_logits=True)
+        mass = group_reduce(mass, self.gqa_score_agg)  # [B, H, W]
         new = scores.gather(-1, pos) + mass.to(scores.dtype)  # 0 is added past the count
         n = cache.layer_lengths(layer).long().view(B, 1, 1)
         recent = live & (pos >= n - st["recent"].view(B, 1, 1))
@@ -161,3 +162,4 @@ class H2O(StepEvictionMethod):
         # like the keep bits: race-free).
         scatter_listed(scores, *lanes[:2], lanes[3], torch.where(survive, new, torch.zeros_like(new)))
         self._commit_listed(st, width, survive, st["budget_host"], lanes)
+        return logits if logits.dtype == torch.float32 else None

@@ -88,10 +88,12 @@ class TOVA(StepEvictionMethod):
                                             scale=q.shape[-1] ** -0.5)
                 evict_listed_tova(logits, tokens, counts, st["keep"], self.cache_size)
                 st["bound"] = [min(b, self.cache_size) for b in st["bound"]]
-                return
-        mass = listed_attention(q[:, :, -1:], cache, layer, tokens, counts)  # [B, Hkv, G, W]
+                return logits if q.shape[2] == 1 else None  # the last query's only
+        # [B, Hkv, G, W] and the last query's logits [B, Hkv, G, 1, W]
+        mass, logits = listed_attention(q[:, :, -1:], cache, layer, tokens, counts, return_logits=True)
         score = mass.mean(2).mean(1)  # [B, W]
         live = torch.arange(width, device=score.device).view(1, width) < counts[:, :1].clamp(max=width)
         ranked = torch.where(live, score, torch.full((), float("-inf"), dtype=score.dtype, device=score.device))
         top = rank_mask(ranked, torch.full((B,), self.cache_size, dtype=torch.long, device=score.device)) & live
         self._commit_listed(st, width, top.unsqueeze(1).expand(B, H, width), [self.cache_size] * B)
+        return logits if q.shape[2] == 1 and logits.dtype == torch.float32 else None  # the last query's only

@@ -58,7 +58,8 @@ def decode_attention_reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: 
                                pages: Optional[torch.Tensor] = None, page_counts: Optional[torch.Tensor] = None,
                                tokens: Optional[torch.Tensor] = None, token_counts: Optional[torch.Tensor] = None,
                                dense: bool = False, dense_pages: int = 0, scale: Optional[float] = None,
-                               return_lse: bool = False, compute_dtype: Optional[torch.dtype] = None):
+                               return_lse: bool = False, compute_dtype: Optional[torch.dtype] = None,
+                               token_logits: Optional[torch.Tensor] = None, logits_scale: Optional[float] = None):
     """Attention of ``q [B, Hq, Lq, D]`` over the selected tokens of a paged cache.
 
     ``k_pages, v_pages [capacity, Hkv, page_size, D]``; ``page_table`` int32 ``[B, width]``;
@@ -66,6 +67,11 @@ def decode_attention_reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: 
     query ``i`` sits at position ``lengths[b] - Lq + i`` and sees selected keys up to it).
     Selection: ``pages`` int32 ``[B or 1, Hkv or 1, maxP]`` with ``page_counts [B or 1, Hkv or 1]``
     and/or ``tokens [.., maxT]`` with ``token_counts``; ``dense=True`` reads everything.
+
+    ``token_logits`` float32 ``[B, Hkv, G, Lq, maxT]`` (optional, with ``tokens``): the queries'
+    logits over the token list, computed with ``logits_scale`` (``scale * q . k`` per lane, as
+    :func:`~sparseattn.kernels.list_logits_triton.list_logits_torch` returns them); they replace
+    the products of the token part (rescaled to ``scale``), so only its values are read.
 
     Returns ``out [B, Hq, Lq, D]`` in q's dtype (and float32 ``lse [B, Hq, Lq]``). Rows with no
     selected key give 0 and lse ``-inf``. Accumulates in float32 (float64 for float64 inputs)
@@ -103,6 +109,10 @@ def decode_attention_reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: 
 
     qc = q.to(compute_dtype).reshape(B, Hkv, G, Lq, D)
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # [B, Hkv, G, Lq, N]
+    if token_logits is not None and tokens is not None:  # the token part comes last in pos
+        maxT = tokens.shape[-1]
+        given = token_logits.to(compute_dtype) * (scale / (logits_scale if logits_scale is not None else scale))
+        s = torch.cat([s[..., :N - maxT], given.expand(B, Hkv, G, Lq, maxT)], -1)
     qpos = lengths.long().view(B, 1, 1, 1, 1) - Lq + torch.arange(Lq, device=q.device).view(1, 1, 1, Lq, 1)
     mask = valid.view(B, Hkv, 1, 1, N) & (pos.view(B, Hkv, 1, 1, N) <= qpos)
     s = s.masked_fill(~mask, float("-inf"))

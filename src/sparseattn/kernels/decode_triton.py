@@ -35,17 +35,25 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _attend(acc, l_i, m_i, poison, q, k, v, pos, ok, qpos, qk_scale,
             CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """One online-softmax step of the group's rows over a tile of gathered keys/values.
+    """One online-softmax step of the group's rows over a tile of gathered keys/values."""
+    if UPCAST_DOT:
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    return _attend_scores(acc, l_i, m_i, poison, qk, v, pos, ok, qpos, qk_scale, CAUSAL, DOT_PRECISION, UPCAST_DOT)
+
+
+@triton.jit
+def _attend_scores(acc, l_i, m_i, poison, qk, v, pos, ok, qpos, qk_scale,
+                   CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """The online-softmax step of :func:`_attend` from the tile's logits ``qk`` (times ``qk_scale``:
+    base-2 units).
 
     Non-finite values: under ``CAUSAL`` rows see different tokens, so each tile zeroes its
     non-finite value rows and marks (``poison``) the rows that give them weight. Without it every
     row sees the same tokens and a non-finite value reaches every row's accumulator by itself
     (``p * inf``, ``0 * nan``); ``_decode_fwd`` checks the accumulators once at the end instead,
     which keeps this per-tile work off the memory-bound walk."""
-    if UPCAST_DOT:
-        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-    else:
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     keep = ok[None, :]
     if CAUSAL:  # Lq > 1: query i sees the new tokens up to itself only
         keep = keep & (pos[None, :] <= qpos[:, None])
@@ -155,10 +163,34 @@ def _walk_selection(acc, l_i, m_i, poison, q, k_head, v_head, idx_row, table_row
 
 
 @triton.jit
+def _walk_given_logits(acc, l_i, m_i, poison, v_head, idx_row, table_row, lg_rows, row_ok, start, end, seq_len,
+                       table_width, offs_n, offs_d, qpos, logit_scale, stride_ik, stride_tp,
+                       stride_vp, stride_vs, stride_vd,
+                       PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """The token walk over list lanes [start, end) when the step's logits over the list are given
+    (``lg_rows``: each row's logits, lane ``j`` at ``+ j``): only values are read. The next tile's
+    addresses are issued before this tile is attended, as in ``_walk_selection``'s prefetch 1."""
+    phys, slot, pos, ok = _tile_addresses(idx_row, table_row, start + offs_n, end, seq_len, table_width,
+                                          stride_ik, stride_tp, PAGE_SIZE, False)
+    for s in range(start, end, BLOCK_N):
+        qk = tl.load(lg_rows[:, None] + (s + offs_n)[None, :], mask=row_ok[:, None] & ok[None, :],
+                     other=float("-inf"))
+        v = tl.load(v_head + phys.to(tl.int64)[:, None] * stride_vp + slot.to(tl.int64)[:, None] * stride_vs
+                    + offs_d[None, :] * stride_vd, mask=ok[:, None], other=0.0)
+        n_phys, n_slot, n_pos, n_ok = _tile_addresses(idx_row, table_row, s + BLOCK_N + offs_n, end, seq_len,
+                                                      table_width, stride_ik, stride_tp, PAGE_SIZE, False)
+        acc, l_i, m_i, poison = _attend_scores(acc, l_i, m_i, poison, qk, v, pos, ok, qpos, logit_scale, CAUSAL,
+                                               DOT_PRECISION, UPCAST_DOT)
+        phys, slot, pos, ok = n_phys, n_slot, n_pos, n_ok
+    return acc, l_i, m_i, poison
+
+
+@triton.jit
 def _decode_fwd(
     Q, KP, VP, Table, Lengths, PCounts, PIdx, TCounts, TIdx,
-    Out, Lse, OPart, LPart,
-    qk_scale,
+    Out, Lse, OPart, LPart, TLogits,
+    qk_scale, logit_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kp, stride_kh, stride_ks, stride_kd,
     stride_vp, stride_vh, stride_vs, stride_vd,
@@ -169,12 +201,13 @@ def _decode_fwd(
     stride_lb, stride_lh, stride_lm,
     stride_xb, stride_xh, stride_xm, stride_xs, stride_xd,
     stride_yb, stride_yh, stride_ym, stride_ys,
+    stride_gb, stride_gh, stride_gr,
     num_kv_heads, q_len, table_width, pages_per_split, tokens_per_split,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, HAS_PAGES: tl.constexpr, HAS_TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
     SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr, GIVEN_LOGITS: tl.constexpr,
 ):
     if PDL:  # launched before the selection kernel finished: wait for its writes, let the merge launch
         tl.extra.cuda.gdc_wait()
@@ -234,11 +267,18 @@ def _decode_fwd(
         t_count = tl.load(TCounts + b64 * stride_tcb + hk64 * stride_tch)
         t0 = split * tokens_per_split
         t1 = tl.minimum(t0 + tokens_per_split, t_count)
-        acc, l_i, m_i, poison = _walk_selection(
-            acc, l_i, m_i, poison, q, k_head, v_head, TIdx + b64 * stride_tib + hk64 * stride_tih, table_row,
-            t0, t1, seq_len, table_width, offs_n, offs_d, qpos, qk_scale, stride_tik,
-            stride_tp, stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
-            PAGE_SIZE, BLOCK_N, False, PREFETCH, CAUSAL, DOT_PRECISION, UPCAST_DOT)
+        if GIVEN_LOGITS:  # the logits of these rows over the list: row r = (head r // q_len, query r % q_len)
+            lg_rows = TLogits + b64 * stride_gb + hk64 * stride_gh + rows.to(tl.int64) * stride_gr
+            acc, l_i, m_i, poison = _walk_given_logits(
+                acc, l_i, m_i, poison, v_head, TIdx + b64 * stride_tib + hk64 * stride_tih, table_row, lg_rows,
+                row_ok, t0, t1, seq_len, table_width, offs_n, offs_d, qpos, logit_scale, stride_tik, stride_tp,
+                stride_vp, stride_vs, stride_vd, PAGE_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION, UPCAST_DOT)
+        else:
+            acc, l_i, m_i, poison = _walk_selection(
+                acc, l_i, m_i, poison, q, k_head, v_head, TIdx + b64 * stride_tib + hk64 * stride_tih, table_row,
+                t0, t1, seq_len, table_width, offs_n, offs_d, qpos, qk_scale, stride_tik,
+                stride_tp, stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
+                PAGE_SIZE, BLOCK_N, False, PREFETCH, CAUSAL, DOT_PRECISION, UPCAST_DOT)
 
     if not CAUSAL:  # one query per head: a non-finite value made every row's accumulator non-finite
         poison = tl.where(tl.sum(acc * 0.0, 1) == 0.0, 0.0, 1.0)
@@ -434,10 +474,12 @@ def decode_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
                             tokens: Optional[torch.Tensor] = None, token_counts: Optional[torch.Tensor] = None,
                             dense: bool = False, dense_pages: int = 0, scale: Optional[float] = None,
                             return_lse: bool = False, num_splits: Optional[int] = None,
-                            config: Optional[tuple] = None, out: Optional[torch.Tensor] = None):
+                            config: Optional[tuple] = None, out: Optional[torch.Tensor] = None,
+                            token_logits: Optional[torch.Tensor] = None, logits_scale: Optional[float] = None):
     """Launch the decode kernel on validated inputs (see ``sparse_decode_attention``).
 
-    Same arguments as :func:`sparseattn.kernels.decode_reference.decode_attention_reference`,
+    Same arguments as :func:`sparseattn.kernels.decode_reference.decode_attention_reference`
+    (``token_logits`` / ``logits_scale`` included: the token walk then reads values only),
     plus ``num_splits`` (default: chosen from the shapes), ``config = (BLOCK_N, num_warps,
     num_stages[, prefetch])`` and ``out`` (tests hand in a poisoned buffer).
     """
@@ -495,22 +537,34 @@ def decode_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
     part_o = o_part.stride() if split else (0, 0, 0, 0, 0)
     part_l = l_part.stride() if split else (0, 0, 0, 0)
 
+    given = token_logits is not None and has_tokens
+    if given:
+        # [B, Hkv, G, Lq, W] with the (G, Lq) rows evenly strided: row r = g * Lq + i
+        if token_logits.stride(-1) != 1 or (Lq > 1 and token_logits.stride(2) != Lq * token_logits.stride(3)):
+            token_logits = token_logits.contiguous()
+        lg_strides = (token_logits.stride(0), token_logits.stride(1),
+                      token_logits.stride(2) if Lq == 1 else token_logits.stride(3))
+        logit_mult = LOG2E * scale / (logits_scale if logits_scale is not None else scale)
+    else:
+        token_logits, lg_strides, logit_mult = dummy, (0, 0, 0), 0.0
+
     pdl = dependent_launch(q.device)
     grid = (num_splits, B * Hkv, row_tiles)
     _decode_fwd[grid](
         q, k_pages, v_pages, page_table, lengths,
         page_counts if has_pages else dummy, pages if has_pages else dummy,
         token_counts if has_tokens else dummy, tokens if has_tokens else dummy,
-        out, lse, o_part, l_part,
-        scale * LOG2E,
+        out, lse, o_part, l_part, token_logits,
+        scale * LOG2E, logit_mult,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *page_table.stride(),
         *sc_p, *si_p, *sc_t, *si_t,
-        *out.stride(), *lse_strides, *part_o, *part_l,
+        *out.stride(), *lse_strides, *part_o, *part_l, *lg_strides,
         Hkv, Lq, page_table.shape[1], pages_per_split, tokens_per_split,
         PAGE_SIZE=page_size, GROUP=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
         DENSE=dense, HAS_PAGES=has_pages, HAS_TOKENS=has_tokens, CAUSAL=Lq > 1,
         SPLIT=split, RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot,
-        PREFETCH=prefetch, PDL=pdl, num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
+        PREFETCH=prefetch, PDL=pdl, GIVEN_LOGITS=given, num_warps=num_warps, num_stages=num_stages,
+        **pdl_kwargs(pdl),
     )
     if split:
         _merge_splits[(B * Hq * Lq,)](
