@@ -504,7 +504,8 @@ class StepEvictionMethod(EvictionMethod):
     def _observe_listed(self, q, cache, layer, st, width):
         """:meth:`_observe` with ``evict=True``, reading only the first ``width`` entries of the
         kept-token list (every kept token is there): O(width) work, the same result. Returns the
-        logits of all ``Lq`` queries over the list's ``width`` lanes (``[B, Hkv, G, Lq, width]``,
-        scale ``D ** -0.5``) when it computed them, else None."""
+        float32 logits of all ``Lq`` queries over the list's ``width`` lanes (``[B, Hkv, G, Lq,
+        width]``, scale ``D ** -0.5``) when it computed exactly those, else None (TOVA at ``Lq > 1``
+        scores with the last query only; float64 caches)."""
         self._observe(q, cache, layer, st, evict=True)
         return None
