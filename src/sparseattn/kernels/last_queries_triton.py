@@ -152,7 +152,7 @@ class LastQConfig(NamedTuple):
 
     ``block_m`` x ``block_n``: the logits GEMM tile (last-query rows x keys, at least 16 each:
     tl.dot); ``num_warps`` for it. ``block_p`` x ``block_t``: rows per step x output keys per
-    program of the profile reduction.
+    program of the profile reduction, ``profile_warps`` for it.
     """
 
     block_m: int
@@ -160,23 +160,29 @@ class LastQConfig(NamedTuple):
     num_warps: int
     block_p: int
     block_t: int
+    profile_warps: int = 4
 
 
-# 16-bit inputs on Hopper: 128 x 128 fp32 logit tiles (8 warps, 64 accumulator registers per
-# thread) over D = 64..128: each program writes 64 KB of scratch, enough bytes in flight per SM to
-# stream at HBM speed; the reduction reads 16 x 256 floats per load, contiguous along the keys.
-# Not yet swept on the H100; `config=` overrides.
-_CONFIG_16BIT = LastQConfig(128, 128, 8, 16, 256)
+# 16-bit inputs, by head dim, from the H100 sweep (`scripts/sweep_last_queries.py`, BENCHMARKS.md
+# "Session 12"; graph replay, both profiles): D <= 64, 64 x 128 logit tiles on 4 warps and 32 x 256
+# profile steps (9/3/64 at 32K: P = 128 160 -> 138 us, P = 64 94 -> 84 us against the previous
+# 128 x 128 x 8 warps, 16 x 256); D = 128, 128 x 128 on 8 warps and 16 x 512 steps (32/8/128 at
+# 128K: 2527 -> 2385 us, 1290 -> 1241 us). Each logits program writes a whole tile of scratch
+# (32-64 KB, enough bytes in flight per SM to stream at HBM speed).
+_CONFIG_16BIT_D64 = LastQConfig(64, 128, 4, 32, 256)
+_CONFIG_16BIT = LastQConfig(128, 128, 8, 16, 512)
 # float32 runs exact (ieee) dot products on the FMA units: smaller tiles keep them in registers.
 _CONFIG_FP32 = LastQConfig(64, 64, 4, 16, 256)
 # The interpreter runs tiles as numpy arrays: small tiles exercise the multi-tile paths.
 _CONFIG_INTERPRET = LastQConfig(16, 32, 4, 8, 32)
 
 
-def default_config(dtype: torch.dtype) -> LastQConfig:
+def default_config(dtype: torch.dtype, head_dim: int = 128) -> LastQConfig:
     if triton_interpreting():
         return _CONFIG_INTERPRET
-    return _CONFIG_FP32 if dtype == torch.float32 else _CONFIG_16BIT
+    if dtype == torch.float32:
+        return _CONFIG_FP32
+    return _CONFIG_16BIT_D64 if head_dim <= 64 else _CONFIG_16BIT
 
 
 def _check_inputs(q, k, n_last, config):
@@ -211,7 +217,7 @@ def last_queries_profiles_triton(q: torch.Tensor, k: torch.Tensor, n_last: int, 
     col = torch.empty((B, Hq, Lk), dtype=torch.float32, device=q.device)  # every entry is written
     diag = torch.empty_like(col)
 
-    cfg = LastQConfig(*config) if config is not None else default_config(q.dtype)
+    cfg = LastQConfig(*config) if config is not None else default_config(q.dtype, q.shape[-1])
     block_m = min(cfg.block_m, max(16, triton.next_power_of_2(P)))
     block_p = min(cfg.block_p, max(2, triton.next_power_of_2(P)))
     block_t = min(cfg.block_t, max(16, triton.next_power_of_2(Lk)))
@@ -241,5 +247,5 @@ def last_queries_profiles_triton(q: torch.Tensor, k: torch.Tensor, n_last: int, 
             BLOCK_TILES=min(64, max(2, triton.next_power_of_2(n_key_tiles))), num_warps=4)
         _profiles[(triton.cdiv(Lk, block_t), np_)](
             scratch, lse, col, diag, *col.stride(), Hq, Lk, P, row_stride, p0,
-            BLOCK_P=block_p, BLOCK_T=block_t, num_warps=4)
+            BLOCK_P=block_p, BLOCK_T=block_t, num_warps=cfg.profile_warps)
     return col, diag
