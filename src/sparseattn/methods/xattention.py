@@ -83,6 +83,13 @@ class XAttention(ScoreBasedMethod):
     are always kept (``find_blocks_chunked``). The official RULER scripts also run ``stride=16``
     (``scripts/run_ruler.sh``). ``block_size`` must be a multiple of ``stride``.
     Estimation cost: ``L**2 * D / stride`` multiply-adds per head.
+
+    Against the official code: the block scores are the same, and so are the plans except in the
+    official first chunk of queries (``chunk_size``, 8192 at 32K), where ``find_blocks_chunked``
+    (``xattn/src/utils.py``; MInference's copy too) keeps usually one block more (up to two) per query block
+    than the rule above (its diagonal ``eye`` overwrites the forced sink column, and the
+    cumulative sum then lags one block); ``tests/bench/test_official.py`` pins that down. We keep
+    the stated rule.
     """
 
     name: ClassVar[str] = "xattention"
