@@ -101,7 +101,9 @@ def torch_tail(method, st, logits, lengths, W, monkeypatch):
         B, H, G, Lq = logits.shape[:4]
         q = torch.zeros(B, H * G, Lq, 1, device=logits.device)
         cache = types.SimpleNamespace(layer_lengths=lambda layer: lengths)
-        method._observe_listed(q, cache, 0, st, W)
+        snapshot = dm_eviction.ListSnapshot(st["tokens"][..., :W], st["count"], W)
+        method._observe_listed(q, cache, 0, st, W, snapshot)
+        assert snapshot.taken is not None  # taken (before the eviction) on the PyTorch path too
 
 
 def assert_states_equal(got, want):

@@ -31,6 +31,8 @@ F64 = torch.float64
 class MaskOracle:
     """The selection before the lists: new tokens OR-ed into the whole mask, the mask recompacted."""
 
+    _score_from_list = False  # score over the mask (``_observe``): no list anywhere
+
     def _prepare(self, cache, layer):
         st = self.state(cache, layer)
         B, H = cache.batch, cache.num_kv_heads

@@ -123,6 +123,32 @@ def test_list_logits_float64_torch_path_and_empty_width():
     assert empty.shape == (2, 2, 1, 1, 0)
 
 
+@pytest.mark.parametrize("G,Lq", [(1, 1), (4, 3)])
+def test_list_logits_snapshot_is_the_list_and_capped_counts(G, Lq):
+    """``snapshot=`` fills a copy of the list's lanes (stale ones included) and the counts capped at
+    the width in the same launch (what an H2O / TOVA step reads after its eviction rewrote the
+    list), with the logits unchanged; several tiles and row tiles; a narrower view of a wider list
+    whose counts exceed it."""
+    Hkv, D, P = 2, 32, 4
+    cache = make_cache([71, 37], Hkv, D, P, permute=True, seed=G)
+    q = make_q(2, Hkv * G, Lq, D, seed=Lq)
+    _, tokens, counts = random_list(cache, Hkv, 0.6, seed=G + Lq, empty_rows=[(1, 0)])
+    for view, cnt in ((tokens, counts), (tokens[..., :13], counts.long())):
+        W = view.shape[-1]
+        snap = (torch.full(view.shape, -7, dtype=torch.int32, device=DEVICE), torch.full_like(cnt, -7))
+        got = list_logits_triton(*logits_args(cache, q, view, cnt), page_size=P, scale=D ** -0.5, snapshot=snap)
+        want = list_logits_triton(*logits_args(cache, q, view, cnt), page_size=P, scale=D ** -0.5)
+        assert torch.equal(got, want)
+        assert torch.equal(snap[0], view) and torch.equal(snap[1], cnt.clamp(max=W))
+        assert int(cnt.max()) > 13 or W != 13  # the narrow view really caps a count
+    bad_tokens = (torch.zeros(2, Hkv, 5, dtype=torch.int32, device=DEVICE), torch.zeros_like(counts))
+    with pytest.raises(ValueError, match="snapshot tokens"):
+        list_logits_triton(*logits_args(cache, q, tokens, counts), page_size=P, scale=0.1, snapshot=bad_tokens)
+    bad_counts = (torch.zeros_like(tokens), torch.zeros_like(counts).long())
+    with pytest.raises(ValueError, match="snapshot counts"):
+        list_logits_triton(*logits_args(cache, q, tokens, counts), page_size=P, scale=0.1, snapshot=bad_counts)
+
+
 def test_list_logits_rejects_bad_inputs():
     cache = make_cache([9], 2, 32, 4)
     q = make_q(1, 4, 1, 32)

@@ -428,12 +428,9 @@ class EvictionMethod(DecodeMethod):
         drop_evicted(keep, st["tokens"], st["count"], width)
         st["bound"] = [min(b, int(c)) for b, c in zip(st["bound"], bound)]
 
-    def _selection(self, st: dict, cache: PagedKVCache, snapshot: bool = False) -> DecodeSelection:
-        """The kept tokens as a token selection: the list (built from the mask on first use).
-
-        Without ``snapshot`` the selection views the list (cheap; valid until the state changes
-        below the count: an eviction); ``snapshot`` copies it, for a step that evicts after reading.
-        """
+    def _list_view(self, st: dict, cache: PagedKVCache) -> Tuple[torch.Tensor, int]:
+        """``(tokens, width)``: a view of the kept-token list's first ``width`` lanes (the list is
+        built from the mask on first use)."""
         N = cache.max_pages * cache.page_size
         width = self._list_width(st, N)
         if "tokens" not in st:  # once per layer: one pass over the mask
@@ -441,7 +438,15 @@ class EvictionMethod(DecodeMethod):
                                                   max_tokens=2 * width)
             st["tokens"] = torch.nn.functional.pad(sel.tokens, (0, 1))
             st["count"] = sel.token_counts
-        tokens = st["tokens"][..., :width]
+        return st["tokens"][..., :width], width
+
+    def _selection(self, st: dict, cache: PagedKVCache, snapshot: bool = False) -> DecodeSelection:
+        """The kept tokens as a token selection: the list (built from the mask on first use).
+
+        Without ``snapshot`` the selection views the list (cheap; valid until the state changes
+        below the count: an eviction); ``snapshot`` copies it, for a step that evicts after reading.
+        """
+        tokens, width = self._list_view(st, cache)
         if snapshot:
             tokens = tokens.clone()
         # A copy of the counts (the list's grow later) capped at the width: a replay past the
@@ -461,8 +466,8 @@ class EvictionMethod(DecodeMethod):
         self._observe(q, cache, layer, st, evict=False)
 
 
-__all__ = ["EvictionMethod", "GQA_AGGREGATIONS", "SELECTION_SLACK", "StepEvictionMethod", "admit_tokens",
-           "check_prompt_queries", "drop_evicted", "group_reduce", "kept_attention", "listed_attention",
+__all__ = ["EvictionMethod", "GQA_AGGREGATIONS", "ListSnapshot", "SELECTION_SLACK", "StepEvictionMethod",
+           "admit_tokens", "check_prompt_queries", "drop_evicted", "group_reduce", "kept_attention", "listed_attention",
            "listed_lanes", "scatter_listed", "to_device_ints"]
 
 
@@ -489,23 +494,55 @@ class StepEvictionMethod(EvictionMethod):
 
     def _select(self, q, cache, layer):
         st = self._prepare(cache, layer)
-        sel = self._selection(st, cache, snapshot=True)  # what this step reads: kept + new tokens
-        if self._score_from_list and "tokens" in st:  # _selection built the list: score and evict over it
-            logits = self._observe_listed(q, cache, layer, st,
-                                          self._list_width(st, cache.max_pages * cache.page_size))
-            if logits is not None and self._reuse_logits:
-                # The scoring's logits are over the snapshot's lanes (the list before this step's
-                # eviction): the attention reads them instead of the keys.
-                sel = replace(sel, token_logits=logits, logits_scale=q.shape[-1] ** -0.5)
-        else:
+        if not self._score_from_list:
+            sel = self._selection(st, cache, snapshot=True)  # what this step reads: kept + new tokens
             self._observe(q, cache, layer, st, evict=True)
+            return sel
+        tokens, width = self._list_view(st, cache)
+        snapshot = ListSnapshot(tokens, st["count"], width)
+        logits = self._observe_listed(q, cache, layer, st, width, snapshot)
+        if snapshot.taken is None:
+            raise RuntimeError(f"{type(self).__name__}._observe_listed evicted without taking the step's snapshot")
+        # What this step reads: the kept + new tokens, as listed before this step's eviction.
+        snap_tokens, snap_counts = snapshot.taken
+        sel = DecodeSelection(None, None, cache.page_size, snap_counts, snap_tokens)
+        if logits is not None and self._reuse_logits:
+            # The scoring's logits are over the snapshot's lanes: the attention reads them instead
+            # of the keys.
+            sel = replace(sel, token_logits=logits, logits_scale=q.shape[-1] ** -0.5)
         return sel
 
-    def _observe_listed(self, q, cache, layer, st, width):
+    def _observe_listed(self, q, cache, layer, st, width, snapshot: "ListSnapshot"):
         """:meth:`_observe` with ``evict=True``, reading only the first ``width`` entries of the
-        kept-token list (every kept token is there): O(width) work, the same result. Returns the
+        kept-token list (every kept token is there): O(width) work, the same result. Takes
+        ``snapshot`` (the list as the step reads it) before it rewrites the list. Returns the
         float32 logits of all ``Lq`` queries over the list's ``width`` lanes (``[B, Hkv, G, Lq,
         width]``, scale ``D ** -0.5``) when it computed exactly those, else None (TOVA at ``Lq > 1``
         scores with the last query only; float64 caches)."""
+        snapshot.copy()
         self._observe(q, cache, layer, st, evict=True)
         return None
+
+
+class ListSnapshot:
+    """The kept-token list of a step as its attention reads it: taken before the step's eviction
+    rewrites the list. The fused list-logits launch fills it on the way (:meth:`buffers`, no
+    launch of its own); otherwise :meth:`copy` takes it with PyTorch (two small launches)."""
+
+    def __init__(self, tokens: torch.Tensor, counts: torch.Tensor, width: int):
+        self.tokens, self.counts, self.width = tokens, counts, width
+        self.taken: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def buffers(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Empty ``(tokens [B, Hkv, width] int32, counts)`` for a kernel to fill with the list's
+        lanes and the counts capped at the width."""
+        self.taken = (torch.empty(self.tokens.shape, dtype=self.tokens.dtype, device=self.tokens.device),
+                      torch.empty_like(self.counts))
+        return self.taken
+
+    def copy(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Take it now with PyTorch (a copy of the lanes; the counts capped at the width: a graph
+        replayed past the slack never reads beyond the view)."""
+        if self.taken is None:
+            self.taken = (self.tokens.clone(), self.counts.clamp(max=self.width))
+        return self.taken

@@ -127,7 +127,7 @@ class H2O(StepEvictionMethod):
         self._commit(st, new, st["budget_host"])
 
     # ------------------------------------------------------------------ hooks
-    def _observe_listed(self, q, cache, layer, st, width):
+    def _observe_listed(self, q, cache, layer, st, width, snapshot):
         # The decode step over the list (O(width)): the same scores and evictions as _observe + _evict.
         tokens, counts = st["tokens"][..., :width], st["count"]
         B, H = counts.shape
@@ -142,11 +142,13 @@ class H2O(StepEvictionMethod):
 
                 lengths = cache.layer_lengths(layer)
                 logits = list_logits_triton(q, cache.k_pages(layer), cache.page_table, tokens, counts, lengths,
-                                            page_size=cache.page_size, scale=q.shape[-1] ** -0.5)
+                                            page_size=cache.page_size, scale=q.shape[-1] ** -0.5,
+                                            snapshot=snapshot.buffers())  # the list before the tail's eviction
                 evict_listed_h2o(logits, tokens, counts, scores, st["keep"], lengths, st["hh"], st["recent"],
                                  how=self.gqa_score_agg)
                 st["bound"] = [min(b, c) for b, c in zip(st["bound"], st["budget_host"])]
                 return logits
+        snapshot.copy()
         lanes = listed_lanes(tokens, counts, scores.shape[-1])
         pos, _, live, _ = lanes
         mass, logits = listed_attention(q, cache, layer, tokens, counts, return_logits=True)

@@ -68,7 +68,7 @@ class TOVA(StepEvictionMethod):
         top = rank_mask(ranked, torch.full((B,), self.cache_size, dtype=torch.long, device=score.device)) & cand
         self._commit(st, top.unsqueeze(1).expand(B, H, N), [self.cache_size] * B)
 
-    def _observe_listed(self, q, cache, layer, st, width):
+    def _observe_listed(self, q, cache, layer, st, width, snapshot):
         # The decode step over the list (O(width)): the lists of all KV heads are identical (one
         # keep-set per sequence), so lane j names one token in every head and the head mean runs
         # lane-wise, as _observe's runs position-wise.
@@ -85,10 +85,12 @@ class TOVA(StepEvictionMethod):
 
                 logits = list_logits_triton(q[:, :, -1:], cache.k_pages(layer), cache.page_table, tokens, counts,
                                             cache.layer_lengths(layer), page_size=cache.page_size,
-                                            scale=q.shape[-1] ** -0.5)
+                                            scale=q.shape[-1] ** -0.5,
+                                            snapshot=snapshot.buffers())  # the list before the eviction
                 evict_listed_tova(logits, tokens, counts, st["keep"], self.cache_size)
                 st["bound"] = [min(b, self.cache_size) for b in st["bound"]]
                 return logits if q.shape[2] == 1 else None  # the last query's only
+        snapshot.copy()
         # [B, Hkv, G, W] and the last query's logits [B, Hkv, G, 1, W]
         mass, logits = listed_attention(q[:, :, -1:], cache, layer, tokens, counts, return_logits=True)
         score = mass.mean(2).mean(1)  # [B, W]

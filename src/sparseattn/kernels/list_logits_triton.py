@@ -18,7 +18,7 @@ Entries past the row's count are written as ``-inf`` without any load (they are 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -31,15 +31,17 @@ from .dispatch import triton_interpreting
 
 @triton.jit
 def _list_logits(
-    Q, KP, Table, Tokens, Counts, Lengths, Out,
+    Q, KP, Table, Tokens, Counts, Lengths, Out, SnapTokens, SnapCounts,
     scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kp, stride_kh, stride_ks, stride_kd,
     stride_tb, stride_tp,
     stride_lib, stride_lih, stride_cb, stride_ch, stride_lb,
+    stride_sb, stride_sh, stride_scb, stride_sch,
     num_kv_heads, q_len, width, n_slots, head_dim,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PAD_D: tl.constexpr, SUM: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    SNAPSHOT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -58,7 +60,14 @@ def _list_logits(
 
     j = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     listed = j < count
-    pos = tl.load(Tokens + b64 * stride_lib + hk * stride_lih + j, mask=listed, other=0)
+    if SNAPSHOT:  # copy the list's first `width` lanes and the capped count (the row tile 0 programs)
+        pos = tl.load(Tokens + b64 * stride_lib + hk * stride_lih + j, mask=j < width, other=0)
+        if mt == 0:
+            tl.store(SnapTokens + b64 * stride_sb + hk * stride_sh + j, pos, mask=j < width)
+            if tile == 0:
+                tl.store(SnapCounts + b64 * stride_scb + hk * stride_sch, count.to(SnapCounts.dtype.element_ty))
+    else:
+        pos = tl.load(Tokens + b64 * stride_lib + hk * stride_lih + j, mask=listed, other=0)
     # A listed position is always < seq_len; the bounds only keep a corrupt entry from reading wild.
     ok = listed & (pos >= 0) & (pos < seq_len) & (pos < n_slots)
     phys = tl.load(Table + b64 * stride_tb + (pos // PAGE_SIZE).to(tl.int64) * stride_tp, mask=ok, other=0)
@@ -117,7 +126,8 @@ def list_logits_torch(q: torch.Tensor, k_pages: torch.Tensor, page_table: torch.
 # ----------------------------------------------------------------------------- launch
 def list_logits_triton(q: torch.Tensor, k_pages: torch.Tensor, page_table: torch.Tensor, tokens: torch.Tensor,
                        counts: torch.Tensor, lengths: torch.Tensor, *, page_size: int, scale: float,
-                       use_dot: Optional[bool] = None, config: Optional[tuple] = None) -> torch.Tensor:
+                       use_dot: Optional[bool] = None, config: Optional[tuple] = None,
+                       snapshot: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Exact scaled logits of ``q`` over each row's listed tokens, read through the page table.
 
     Args:
@@ -133,6 +143,10 @@ def list_logits_triton(q: torch.Tensor, k_pages: torch.Tensor, page_table: torch
         scale: multiplies the fp32 product.
         use_dot, config: override the product and ``(BLOCK_N, num_warps, num_stages)`` as in
             :func:`~sparseattn.kernels.decode_logits_triton.paged_logits_triton`.
+        snapshot: optional ``(tokens_out, counts_out)``: int32 ``[B, Hkv, width]`` (unit last
+            stride) and ``[B, Hkv]`` (counts' dtype) that the same launch fills with a copy of
+            ``tokens`` and ``min(counts, width)``: what an eviction step's attention reads after
+            the step has rewritten the list (H2O / TOVA), without two more launches.
 
     Returns float32 ``[B, Hkv, G, Lq, width]``: entry ``j`` of row ``(b, h, g, i)`` is
     ``scale * q[b, h * G + g, i] . k[b, h, tokens[b, h, j]]`` with fp32 accumulation, ``-inf`` past
@@ -142,23 +156,38 @@ def list_logits_triton(q: torch.Tensor, k_pages: torch.Tensor, page_table: torch
     B, Hq, Lq, D, Hkv = _check(q, k_pages, page_table, tokens, counts, lengths, page_size, scale, True)
     G = Hq // Hkv
     W = tokens.shape[-1]
+    if snapshot is not None:
+        snap_tokens, snap_counts = snapshot
+        if not (isinstance(snap_tokens, torch.Tensor) and snap_tokens.dtype == torch.int32
+                and tuple(snap_tokens.shape) == (B, Hkv, W) and (W <= 1 or snap_tokens.stride(-1) == 1)
+                and snap_tokens.device == q.device):
+            raise ValueError(f"snapshot tokens must be int32 [B={B}, Hkv={Hkv}, width={W}] with unit last stride "
+                             f"on {q.device}")
+        if not (isinstance(snap_counts, torch.Tensor) and snap_counts.dtype == counts.dtype
+                and tuple(snap_counts.shape) == (B, Hkv) and snap_counts.device == q.device):
+            raise ValueError(f"snapshot counts must be {counts.dtype} [B={B}, Hkv={Hkv}] on {q.device}")
     out = torch.empty((B, Hkv, G, Lq, W), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
+        if snapshot is not None:  # nothing to launch over: copy with PyTorch
+            snap_tokens.copy_(tokens)
+            snap_counts.copy_(counts.clamp(max=W))
         return out
     rows = G * Lq
     product, block_m, row_tiles, block_d, (block_n, num_warps, num_stages) = group_tiles(
         q, k_pages, B, Hkv, rows, use_dot, config)
     if triton_interpreting() and config is None:
         block_n = 16  # small tiles: a short list still spans several programs
+    snap_tokens, snap_counts = snapshot if snapshot is not None else (tokens, counts)
     _list_logits[(triton.cdiv(W, block_n), B * Hkv, row_tiles)](
-        q, k_pages, page_table, tokens, counts, lengths, out,
+        q, k_pages, page_table, tokens, counts, lengths, out, snap_tokens, snap_counts,
         float(scale),
         *q.stride(), *k_pages.stride(), *page_table.stride(),
         tokens.stride(0), tokens.stride(1), counts.stride(0), counts.stride(1), lengths.stride(0),
+        snap_tokens.stride(0), snap_tokens.stride(1), snap_counts.stride(0), snap_counts.stride(1),
         Hkv, Lq, W, page_table.shape[1] * page_size, D,
         PAGE_SIZE=page_size, GROUP=G, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PAD_D=block_d != D,
         SUM=product == "sum", SPLIT=product == "dot_split",
-        UPCAST=product == "dot_f32" or triton_interpreting(),
+        UPCAST=product == "dot_f32" or triton_interpreting(), SNAPSHOT=snapshot is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
