@@ -9,7 +9,7 @@ from typing import ClassVar, Optional
 import torch
 
 from ..decode_api import DecodeSelection
-from ..methods.base import PerHead, check_float, check_int, check_per_head, head_values
+from ..methods.base import PerHead, check_float, check_int, check_per_head, head_values, use_triton_estimator
 from ..methods.duo import _check_flag
 from ..methods.registry import register
 from .base import DecodeMethod, exact_probs
@@ -179,6 +179,14 @@ class DuoDecode(DecodeMethod):
     def _select(self, q, cache, layer):
         retr = self.retrieval(q, cache, layer)  # [B|1, Hkv]
         B, Hkv, dev = q.shape[0], cache.num_kv_heads, q.device
+        if use_triton_estimator(q):  # one launch instead of ~10 small kernels and a page-list copy
+            from ..kernels.streaming_select_triton import duo_select_triton
+
+            pc, pages, tc, toks = duo_select_triton(
+                cache.layer_lengths(layer), retr, num_kv_heads=Hkv, q_len=q.shape[2], sink=self.sink,
+                window=self.recent + 1, page_size=cache.page_size, max_pages=cache.max_pages)
+            sel = DecodeSelection(pc, pages, cache.page_size)
+            return sel if toks.shape[-1] == 0 else sel.with_tokens(toks, tc)
         retr = retr.expand(B, Hkv)
         maxP = cache.max_pages
         stream = self._streaming._select(q, cache, layer)  # H = 1, pages width <= maxP
