@@ -1,0 +1,48 @@
+"""Row selections of the FlexPrefill / vertical-slash estimates by block and warps, on a GPU.
+
+    python scripts/sweep_row_select.py [--length 32768] [--shape 9/3/64] [--configs 2048x16,4096x16,...]
+
+Inputs are the last-queries profiles of structured synthetic q/k (seed 0, bf16): FlexPrefill's
+cover counts (P = 128, gamma 0.9, both profiles: 2 x Hq rows of L) and vertical-slash's top-n
+masks (P = 64, n = 1000 / 6096). Each config ``BLOCKxWARPS`` is captured in a CUDA graph and
+timed by replay (do_bench median, us); its output must equal the default config's.
+"""
+
+import argparse
+
+import torch
+import triton.testing
+
+from sparseattn.bench.synthetic import structured_qkv
+from sparseattn.kernels.last_queries_triton import last_queries_profiles_triton
+from sparseattn.kernels.row_select_triton import cover_count_triton, rank_mask_triton
+
+p = argparse.ArgumentParser()
+p.add_argument("--length", type=int, default=32768)
+p.add_argument("--shape", default="9/3/64")
+p.add_argument("--configs", default="2048x16,1024x8,1024x16,4096x16,4096x32,8192x32,2048x32,2048x8")
+args = p.parse_args()
+Hq, Hkv, D = (int(x) for x in args.shape.split("/"))
+q, k, _ = structured_qkv(1, Hq, Hkv, args.length, D, seed=0, device="cuda", dtype=torch.bfloat16)
+print(f"{args.shape} L={args.length}, {torch.cuda.get_device_name()}")
+flex = torch.stack(last_queries_profiles_triton(q, k, 128)) / 128  # [2, 1, Hq, L], each row sums to ~1
+vs = torch.stack(last_queries_profiles_triton(q, k, 64))
+n = torch.tensor([1000, 6096], device="cuda").view(2, 1, 1).expand(2, 1, Hq)
+cases = {"cover_count P=128": lambda b, w: cover_count_triton(flex, 0.9, block=b, num_warps=w),
+         "rank_mask P=64": lambda b, w: rank_mask_triton(vs, n, block=b, num_warps=w)}
+for name, fn in cases.items():
+    ref = fn(None, None)
+    for c in args.configs.split(","):
+        b, w = (int(x) for x in c.split("x"))
+        try:
+            out = fn(b, w)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn(b, w)
+            graph.replay()
+            torch.cuda.synchronize()
+        except Exception as exc:
+            print(f"{name:>18} {c:>8}: failed: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        us = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3
+        print(f"{name:>18} {c:>8}: {us:7.1f} us  equal to default: {torch.equal(out, ref)}")
