@@ -65,7 +65,8 @@ for case, (q, k, v) in inputs():
         events = [e for e in prof.key_averages()]
         kernels = sum(e.count for e in events if e.device_time_total > 0)
         busy = sum(e.device_time_total for e in events) / 1e3
-        print(f"\n== {name}: wall {gpu_ms:.3f} ms, host issue {host_ms:.3f} ms, kernels {kernels}, GPU busy {busy:.3f} ms")
+        print(f"\n== {name}: wall {gpu_ms:.3f} ms, host issue {host_ms:.3f} ms, kernels {kernels}, "
+              f"GPU busy {busy:.3f} ms")
         print(prof.key_averages().table(sort_by="device_time_total", row_limit=args.top, max_name_column_width=70))
         if args.sequence:
             seq = sorted((e for e in prof.events() if e.device_time_total > 0 and e.device_type.name == "CUDA"),

@@ -411,7 +411,22 @@ def _config(obj) -> dict:
 
 
 @dataclass(kw_only=True)
-class OfficialXAttention:
+class _OfficialAdapter:
+    """What both adapters share: ``src`` (the sdist, see :func:`load_official`) and its code,
+    loaded on first use."""
+
+    src: object = None
+    _code: Optional[OfficialCode] = field(default=None, init=False, repr=False)
+
+    @property
+    def code(self) -> OfficialCode:
+        if self._code is None:
+            self._code = load_official(self.src)
+        return self._code
+
+
+@dataclass(kw_only=True)
+class OfficialXAttention(_OfficialAdapter):
     """The official XAttention estimate (``xattn_estimate``) as a plan builder.
 
     ``plan`` repeats K to one head per query head (``repeat_interleave(G, dim=1)``: MInference's
@@ -423,7 +438,6 @@ class OfficialXAttention:
     the first ``plan``.
     """
 
-    src: object = None
     stride: int = 16
     threshold: float = 0.9
     block_size: int = 128
@@ -432,7 +446,6 @@ class OfficialXAttention:
     use_triton: bool = True
     keep_sink: bool = False
     keep_recent: bool = False
-    _code: Optional[OfficialCode] = field(default=None, init=False, repr=False)
     _triton_ok: Optional[bool] = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -451,12 +464,6 @@ class OfficialXAttention:
     def config(self) -> dict:
         return {"implementation": "official (MInference 0.1.6.0 xattn_estimate)", **_config(self),
                 "select_mode": "inverse", "kdb": 1}
-
-    @property
-    def code(self) -> OfficialCode:
-        if self._code is None:
-            self._code = load_official(self.src)
-        return self._code
 
     def _use_triton(self) -> bool:
         # xattn_estimate's own rule, applied once here so that its fallback message is not printed
@@ -491,7 +498,7 @@ class OfficialXAttention:
 
 
 @dataclass(kw_only=True)
-class OfficialFlexPrefill:
+class OfficialFlexPrefill(_OfficialAdapter):
     """The official FlexPrefill selection (``get_active_blocks``) as a plan builder.
 
     ``plan`` calls ``get_active_blocks`` as ``flex_prefill_attention`` does (budgets in tokens
@@ -503,14 +510,12 @@ class OfficialFlexPrefill:
     :data:`FLEX_DEFAULTS_SOURCE`.
     """
 
-    src: object = None
     gamma: float = 0.9
     tau: float = 0.1
     block_size: int = 128
     min_budget: Optional[int] = None
     max_budget: Optional[int] = None
     gqa_interleave: bool = False
-    _code: Optional[OfficialCode] = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if not 0.0 < float(self.gamma) <= 1.0:
@@ -527,12 +532,6 @@ class OfficialFlexPrefill:
 
     def config(self) -> dict:
         return {"implementation": "official (MInference 0.1.6.0 get_active_blocks)", **_config(self)}
-
-    @property
-    def code(self) -> OfficialCode:
-        if self._code is None:
-            self._code = load_official(self.src)
-        return self._code
 
     def budgets_in_blocks(self) -> tuple:
         """``(min, max)`` budgets in blocks, as ``flex_prefill_attention`` computes them."""
