@@ -157,7 +157,7 @@ class _Broken:
     def config(self):
         return {"why": "test"}
 
-    def plan(self, q, k, v, *, causal=True, layer_idx=None):
+    def plan(self, q, k, v, *, causal=True, layer_idx=None, transient=False):
         raise self.exc
 
 

@@ -82,6 +82,14 @@ def test_key_separates_configs_and_shapes_and_layers_only_for_tables():
     assert graphs._key(table, q, k, v, True, 0) != graphs._key(table, q, k, v, True, 1)
 
 
+def test_transient_is_checked_and_changes_nothing_off_the_graph_path(graphs_on):
+    q, k, v = qkv(0, "cpu", L=300, dtype=torch.float32)
+    method = sa.get_method("block_topk", topk=3)
+    with pytest.raises(ValueError, match="transient must be a bool"):
+        method.plan(q, k, v, transient=1)
+    assert plans_equal(method.plan(q, k, v, transient=True), method.plan(q, k, v))
+
+
 def test_copy_plan_is_independent():
     plan = BlockPlan.from_block_mask(torch.ones(1, 2, 3, 3, dtype=torch.bool), block_q=16, block_k=16, q_len=40,
                                      k_len=40, causal=True)
@@ -138,6 +146,30 @@ def test_direct_graph_reads_the_callers_addresses(graphs_on, name):
     assert plans_equal(method.plan(q3, k3, v3), eager1), name
     assert len([key for key in graphs._graphs if "direct" in key]) == 1, name
     assert plans_equal(method.plan(q1, k1, v1), eager2), name  # back at the first addresses: direct again
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ["flexprefill", "vertical_slash", "xattention"])
+def test_transient_plans_are_the_graphs_buffers(graphs_on, name):
+    # transient=True: a replayed plan is the graph's own tensors (no copy), equal to the eager plan,
+    # and the graph's next replay overwrites it; without it, the caller owns a copy.
+    method = sa.get_method(name)
+    (q1, k1, v1), (q2, k2, v2), eager1, eager2 = two_inputs_with_eager_plans(method)
+    method.plan(q1, k1, v1)  # eager
+    owned = method.plan(q1, k1, v1)  # captures, replays, copies
+    transient = method.plan(q1, k1, v1, transient=True)  # a direct graph now (the same addresses)
+    again = method.plan(q1, k1, v1, transient=True)
+    assert plans_equal(owned, eager1) and plans_equal(transient, eager1), name
+    assert again.kv_indices.data_ptr() == transient.kv_indices.data_ptr(), name  # the same buffers
+    assert owned.kv_indices.data_ptr() != transient.kv_indices.data_ptr(), name
+    q1.copy_(q2), k1.copy_(k2), v1.copy_(v2)
+    method.plan(q1, k1, v1, transient=True)  # the next replay overwrites the transient plan
+    torch.cuda.synchronize()
+    assert plans_equal(transient, eager2) and plans_equal(owned, eager1), name
+    # what sparse_attention runs: the same output as through an owned plan
+    out = sa.sparse_attention(q1, k1, v1, method=method)
+    want = sa.block_sparse_attention(q1, k1, v1, eager2)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 class _SyncingMethod(PrefillMethod):

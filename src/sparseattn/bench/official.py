@@ -489,9 +489,9 @@ class OfficialXAttention(_OfficialAdapter):
         return crop_chunk_padded_mask(masks, q_len=Lq, k_len=Lk, block_size=self.block_size)
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-             layer_idx: Optional[int] = None) -> BlockPlan:
+             layer_idx: Optional[int] = None, transient: bool = False) -> BlockPlan:
         """Per-query-head plan for ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]`` (``layer_idx``
-        unused: one threshold for all layers)."""
+        unused: one threshold for all layers; ``transient`` unused: each call builds a new plan)."""
         mask = self.block_mask(q, k, v, causal=causal)
         return BlockPlan.from_block_mask(mask, block_q=self.block_size, block_k=self.block_size, q_len=q.shape[2],
                                          k_len=k.shape[2], causal=causal)
@@ -561,8 +561,9 @@ class OfficialFlexPrefill(_OfficialAdapter):
         return self.block_mask_blhd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-             layer_idx: Optional[int] = None) -> BlockPlan:
-        """Per-query-head plan for ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]``."""
+             layer_idx: Optional[int] = None, transient: bool = False) -> BlockPlan:
+        """Per-query-head plan for ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]`` (``transient``
+        unused: each call builds a new plan)."""
         if not causal:
             raise NotImplementedError("the official FlexPrefill is causal only")
         mask = self.block_mask(q, k, v)

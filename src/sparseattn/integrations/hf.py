@@ -422,7 +422,8 @@ class SparsePatch:
                     self._plan_cache.clear()
                 self._plan_cache[key] = hit
             return hit
-        plan = method.plan(q, k, v, causal=True, layer_idx=layer)
+        # transient: the caller executes the plan at once, before this method's next plan() call
+        plan = method.plan(q, k, v, causal=True, layer_idx=layer, transient=True)
         return plan, self._density(plan)
 
     def _density(self, plan: BlockPlan) -> float:

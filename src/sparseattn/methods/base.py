@@ -384,19 +384,27 @@ class PrefillMethod:
 
     # -- public
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-             layer_idx: Optional[int] = None) -> BlockPlan:
+             layer_idx: Optional[int] = None, transient: bool = False) -> BlockPlan:
         """Build the sparse plan for ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``.
 
         Args:
             causal: bottom-right causal alignment (query ``i`` sees keys ``j <= Lk - Lq + i``).
             layer_idx: the layer this call is for; only needed when a field is a
                 per-(layer, head) table.
+            transient: on CUDA, where the estimate replays a captured graph
+                (:mod:`sparseattn.methods.graphs`), return the graph's own plan tensors instead
+                of a copy: valid until this method's next ``plan`` call with the same shapes,
+                which overwrites them. For a caller that hands the plan to the kernel at once
+                (:func:`sparseattn.sparse_attention` and the Hugging Face integration do); it
+                saves a copy of the plan per call.
         Returns:
             a :class:`BlockPlan` on q's device with ``block_q = block_k = block_size``.
         """
         B, Hq, Hkv, Lq, Lk, D = check_qkv(q, k, v)
         if not isinstance(causal, bool):
             raise ValueError(f"causal must be a bool, got {causal!r}")
+        if not isinstance(transient, bool):
+            raise ValueError(f"transient must be a bool, got {transient!r}")
         if layer_idx is not None:
             check_int("layer_idx", layer_idx, minimum=0)
         if B == 0 or Lq == 0 or Lk == 0:
@@ -417,7 +425,7 @@ class PrefillMethod:
         if q.is_cuda:  # replay a captured graph: the host cost is one launch
             from .graphs import graphed_plan
 
-            plan = graphed_plan(self, q, k, v, causal=causal, layer_idx=layer_idx)
+            plan = graphed_plan(self, q, k, v, causal=causal, layer_idx=layer_idx, transient=transient)
             if plan is not None:
                 return plan
         return self._plan(q, k, v, causal=causal, layer_idx=layer_idx)

@@ -11,7 +11,9 @@ new key runs eagerly with host syncs turned into errors (a method that syncs is 
 stays eager, with one log line); the second call captures; later calls copy q, k, v into the
 graph's static inputs (only the parts the estimate reads: ``PrefillMethod.query_rows_read``,
 ``reads_values``), replay, and return a copy of the plan (a later call does not change a plan
-already returned). One-off shapes therefore never pay for a capture, and the layers of one
+already returned), or with ``transient=True`` the graph's own plan tensors, which the next replay
+of that graph overwrites: for a caller that hands the plan to the kernel at once (the copy is up
+to ~20 us per call, e.g. vertical-slash's extra columns at 32K on SmolLM2's heads). One-off shapes therefore never pay for a capture, and the layers of one
 forward share a graph (``layer_idx`` is part of the key only for per-layer tables).
 
 *Direct graphs.* When a call brings inputs at the very addresses (and strides) of the previous
@@ -143,14 +145,25 @@ def _give_up(method, key, exc) -> None:
     _remember(key, _EAGER)
 
 
-def graphed_plan(method, q, k, v, *, causal: bool, layer_idx: Optional[int]):
+def graphed_plan(method, q, k, v, *, causal: bool, layer_idx: Optional[int], transient: bool = False):
     """The plan of ``method`` for these inputs, through a CUDA graph once the key repeats; None when
     graphs do not apply (off, not CUDA, inside a capture, a method that syncs) and the caller
-    should run the method eagerly."""
+    should run the method eagerly. ``transient``: a replayed plan is the graph's own tensors
+    (valid until the graph's next replay) instead of a copy."""
     if not _enabled or not q.is_cuda or torch.cuda.is_current_stream_capturing():
         return None
     with torch.no_grad():  # a plan is integers: no autograd history inside a captured graph
-        return _graphed_plan(method, q, k, v, causal, layer_idx)
+        plan = _graphed_plan(method, q, k, v, causal, layer_idx)
+    if isinstance(plan, _Replayed):
+        return plan.plan if transient else _copy_plan(plan.plan)
+    return plan
+
+
+class _Replayed:
+    """A replayed graph's plan, before the caller decides whether to copy it."""
+
+    def __init__(self, plan):
+        self.plan = plan
 
 
 def _graphed_plan(method, q, k, v, causal, layer_idx):
@@ -205,11 +218,11 @@ def _graphed_plan(method, q, k, v, causal, layer_idx):
             if direct is not None:
                 _graphs.move_to_end(direct_key)
                 direct.graph.replay()
-                return _copy_plan(direct.plan)
+                return _Replayed(direct.plan)
             for dst, src in zip(_read_views(method, *state.inputs), _read_views(method, q, k, v)):
                 dst.copy_(src)
         state.graph.replay()
-        return _copy_plan(state.plan)
+        return _Replayed(state.plan)
     except torch.OutOfMemoryError:
         # Captured graphs hold their temporaries: free them all and let the caller run eagerly.
         clear_estimator_graphs()

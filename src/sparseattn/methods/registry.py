@@ -179,5 +179,5 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     from ..api import block_sparse_attention  # lazy: api may re-export this module's names
 
     m = get_method(method, **overrides)
-    plan = m.plan(q, k, v, causal=causal, layer_idx=layer_idx)
+    plan = m.plan(q, k, v, causal=causal, layer_idx=layer_idx, transient=True)  # used at once: no copy
     return block_sparse_attention(q, k, v, plan, causal=causal, scale=scale, backend=backend, return_lse=return_lse)
