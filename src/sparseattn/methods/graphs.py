@@ -11,10 +11,12 @@ new key runs eagerly with host syncs turned into errors (a method that syncs is 
 stays eager, with one log line); the second call captures; later calls copy q, k, v into the
 graph's static inputs (only the parts the estimate reads: ``PrefillMethod.query_rows_read``,
 ``reads_values``), replay, and return a copy of the plan (a later call does not change a plan
-already returned), or with ``transient=True`` the graph's own plan tensors, which the next replay
-of that graph overwrites: for a caller that hands the plan to the kernel at once (the copy is up
-to ~20 us per call, e.g. vertical-slash's extra columns at 32K on SmolLM2's heads). One-off shapes therefore never pay for a capture, and the layers of one
-forward share a graph (``layer_idx`` is part of the key only for per-layer tables).
+already returned). One-off shapes therefore never pay for a capture, and the layers of one
+forward share a graph (``layer_idx`` is part of the key only for per-layer tables). With
+``plan(..., transient=True)`` a replay returns the graph's own plan tensors instead of the copy
+(the graph's next replay overwrites them): for callers that hand the plan to the kernel at once,
+as ``sparse_attention`` and the Hugging Face integration do (the copy is up to ~20 us per call,
+e.g. vertical-slash's extra columns at 32K on SmolLM2's heads).
 
 *Direct graphs.* When a call brings inputs at the very addresses (and strides) of the previous
 call with that key, a second graph is captured that reads those addresses directly, and later
@@ -153,20 +155,10 @@ def graphed_plan(method, q, k, v, *, causal: bool, layer_idx: Optional[int], tra
     if not _enabled or not q.is_cuda or torch.cuda.is_current_stream_capturing():
         return None
     with torch.no_grad():  # a plan is integers: no autograd history inside a captured graph
-        plan = _graphed_plan(method, q, k, v, causal, layer_idx)
-    if isinstance(plan, _Replayed):
-        return plan.plan if transient else _copy_plan(plan.plan)
-    return plan
+        return _graphed_plan(method, q, k, v, causal, layer_idx, transient)
 
 
-class _Replayed:
-    """A replayed graph's plan, before the caller decides whether to copy it."""
-
-    def __init__(self, plan):
-        self.plan = plan
-
-
-def _graphed_plan(method, q, k, v, causal, layer_idx):
+def _graphed_plan(method, q, k, v, causal, layer_idx, transient):
     key = _key(method, q, k, v, causal, layer_idx)
     state = _graphs.get(key)
     try:
@@ -218,11 +210,11 @@ def _graphed_plan(method, q, k, v, causal, layer_idx):
             if direct is not None:
                 _graphs.move_to_end(direct_key)
                 direct.graph.replay()
-                return _Replayed(direct.plan)
+                return direct.plan if transient else _copy_plan(direct.plan)
             for dst, src in zip(_read_views(method, *state.inputs), _read_views(method, q, k, v)):
                 dst.copy_(src)
         state.graph.replay()
-        return _Replayed(state.plan)
+        return state.plan if transient else _copy_plan(state.plan)
     except torch.OutOfMemoryError:
         # Captured graphs hold their temporaries: free them all and let the caller run eagerly.
         clear_estimator_graphs()
