@@ -386,12 +386,15 @@ def _per_row(name: str, value, lead, device, dtype) -> torch.Tensor:
 
 
 def _block_and_warps(N: int, block: Optional[int], num_warps: Optional[int]) -> Tuple[int, int]:
-    if block is None:  # 2048 x 16 warps: one 16-byte load per thread and chunk, no register spills
-        block = min(2048, max(128, triton.next_power_of_2(max(N, 1))))
+    # H100 sweep (`scripts/sweep_row_select.py`, BENCHMARKS.md "Session 12"): 1024-entry chunks on 16
+    # warps beat 2048 on rows of 32K (cover counts 50.3 -> 46.9 us, top-n 49.8 -> 46.4); on 64K-entry
+    # rows (FlexPrefill's block map) 32 warps (105.6 -> 98.7 us).
+    if block is None:
+        block = min(1024, max(128, triton.next_power_of_2(max(N, 1))))
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
     if num_warps is None:
-        num_warps = min(16, max(4, block // 128))
+        num_warps = 32 if (N > 32768 and block >= 1024) else min(16, max(4, block // 64))
     return block, num_warps
 
 
