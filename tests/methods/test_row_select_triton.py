@@ -196,6 +196,107 @@ def test_cumsum_mask_block_map_like_rows():
         assert torch.equal(got[clear], cumsum_mask_ref(probs, target)[clear])
 
 
+# ----------------------------------------------------------------------------- split rows
+# A row over several programs (one slice each, a barrier per round; in the interpreter one round
+# per launch). Small blocks make many slices on short rows; (split, block) pairs where the slice is
+# one block run the register-resident variant (ONE_CHUNK), the others loop over chunks.
+SPLITS = [(2, 32), (3, 32), (7, 64)]
+
+
+@pytest.mark.parametrize("split,block", [(2, 32), (5, 64)])
+def test_split_rank_mask_matches_torch(split, block):
+    x = grid_rows((2, 3, 300), seed=11, special=True)
+    x[0, 1] = torch.rand(300, generator=torch.Generator().manual_seed(6)) ** 3  # few ties
+    n = ragged_n((2, 3), 300, seed=12)
+    got = rs().rank_mask_triton(x.to(DEVICE), n.to(DEVICE), block=block, split=split)
+    assert torch.equal(got.cpu(), rank_mask(x, n))
+
+
+@pytest.mark.parametrize("split,block", SPLITS)
+def test_split_tie_groups_across_slices(split, block):
+    """A tie group straddling slices, cut inside it: with few candidates (the register finish from
+    the shared tile) and with more ties than the tile holds (the bracket closes on one key)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(2, 400, generator=g) + 1.0
+    x[0, ::7] += 2.0
+    x[0, 137:400:13] = 1.5  # 21 ties spread over every slice
+    x[1, 30:370] = 1.25  # 340 ties, more than FIN
+    x[1, :10] = 3.0
+    n = torch.tensor([int((x[0] > 1.5).sum()) + 9, int((x[1] > 1.25).sum()) + 200])
+    got = rs().rank_mask_triton(x.to(DEVICE), n.to(DEVICE), block=block, split=split)
+    assert torch.equal(got.cpu(), rank_mask(x, n))
+    m = x.clone()
+    m[1] = 0.0
+    m[1, 20:380] = 1 / 64  # mass ties: the cut keeps a prefix of them
+    target = torch.tensor([float(m[0][m[0] > 1.5].sum()) + 4 * 1.5 + 0.01, 150 / 64])
+    assert torch.equal(rs().cumsum_mask_triton(m.to(DEVICE), target.to(DEVICE), block=block, split=split).cpu(),
+                       cumsum_mask_ref(m, target))
+
+
+@pytest.mark.parametrize("split,block", [(2, 32), (5, 64)])
+def test_split_mass_selections_exact_on_grid_values(split, block):
+    N = 300
+    x = grid_rows((2, 3, N), seed=13)
+    frac = torch.tensor([[0.0, 0.25, 0.5], [0.9, 1.0, 3.0]])
+    target = x.sum(-1) * frac
+    active = torch.tensor([[True, True, False], [True, True, True]])
+    got = rs().cumsum_mask_triton(x.to(DEVICE), target.to(DEVICE), active=active.to(DEVICE), block=block,
+                                  split=split).cpu()
+    assert torch.equal(got, cumsum_mask_ref(x, target, active))
+    csum = torch.cumsum(torch.sort(x, dim=-1, descending=True).values, -1)
+    exact = csum[..., N // 3]  # a target equal to a prefix sum: the entry ending there is kept
+    want = torch.stack([_cover_count(r, float(e)) for r, e in zip(x.view(-1, N), exact.view(-1))]).view(2, 3)
+    got = rs().cover_count_triton(x.to(DEVICE), exact.to(DEVICE), block=block, split=split).cpu()
+    assert torch.equal(got, want)
+    for gamma in (0.0, 1e6):
+        got = rs().cover_count_triton(x.to(DEVICE), gamma, block=block, split=split).cpu()
+        assert torch.equal(got, _cover_count(x, gamma))
+
+
+@pytest.mark.parametrize("split", [3])
+def test_split_cover_count_random_floats_away_from_the_cut(split):
+    g = torch.Generator().manual_seed(split)
+    x = torch.rand(2, 3, 1000, generator=g) ** 8
+    x = x / x.sum(-1, keepdim=True)
+    for gamma in (0.5, 0.9, 0.95):
+        got = rs().cover_count_triton(x.to(DEVICE), gamma, block=128, split=split).cpu()
+        want = _cover_count(x, gamma)
+        clear = cut_margin(x, torch.full(x.shape[:-1], gamma)) > 1e-5
+        assert clear.sum() >= 4
+        assert torch.equal(got[clear], want[clear])
+        assert ((got - want).abs() <= 1).all()
+
+
+def test_split_argument_checks_and_short_rows():
+    x = torch.rand(2, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="split"):
+        rs().rank_mask_triton(x, 1, split=0)
+    # a row shorter than two chunks runs on one program whatever split asks
+    assert torch.equal(rs().rank_mask_triton(x, 2, split=4).cpu(), rank_mask(x.cpu(), torch.tensor(2)))
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_split_equals_one_program_on_long_rows():
+    """The split path (slices of one chunk in registers, and of several chunks) against the
+    one-program search: top-n masks equal; mass selections equal on exact grid values."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.rand(18, 32768, device="cuda", generator=g) ** 6
+    x[:, 5000:9000] = 0.5  # a tie block over several slices
+    n = torch.randint(0, 32768, (18,), device="cuda", generator=g)
+    n[0], n[1] = 0, 32768
+    one = rs().rank_mask_triton(x, n, split=1)
+    for split, block in ((32, None), (16, 2048), (2, None), (7, 1024)):
+        assert torch.equal(rs().rank_mask_triton(x, n, split=split, block=block), one)
+    grid = torch.randint(0, 8, (9, 65536), device="cuda", generator=g).float() / 64
+    target = grid.sum(-1) * torch.linspace(0.0, 1.0, 9, device="cuda")
+    one = rs().cumsum_mask_triton(grid, target, split=1)
+    counts = rs().cover_count_triton(grid, target, split=1)
+    for split, block in ((64, None), (3, None), (14, 1024)):
+        assert torch.equal(rs().cumsum_mask_triton(grid, target, split=split, block=block), one)
+        assert torch.equal(rs().cover_count_triton(grid, target, split=split, block=block), counts)
+
+
 # ----------------------------------------------------------------------------- compact_rows
 def prefix_ref(mask):
     return torch.nn.functional.pad(torch.cumsum(mask, -1), (1, 0)).to(torch.int32)

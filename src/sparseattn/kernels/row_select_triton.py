@@ -40,8 +40,8 @@ instructions per entry and probe pass, and ~8 block-wide reductions: ~20-30 K cy
 for the whole launch whatever the number of rows up to one per SM (PyTorch: two radix sorts of
 [9, 32K] plus scatters, ~100 us, and the cumsum scans). Worst case (a huge tie block straddling
 the cut): ~16 full passes. Scratch: ``2 * N`` int32 per row. With few rows most SMs idle, but
-the alternatives (a histogram needs newer Triton; splitting a row over programs needs a launch
-per step) cost more at this size; a 512K row costs ~16x a 32K row. ``compact_rows_triton``: one
+the alternatives (a histogram needs newer Triton; splitting a row over programs, the opt-in
+``split=`` path below, has cost more so far) cost more at this size; a 512K row costs ~16x a 32K row. ``compact_rows_triton``: one
 program per row, one read of the mask and one write of each output, a scan and a sum per chunk of
 8192 entries (~2-4 us for 18 rows of 32K; vertical-slash's per-query-block extra columns,
 [9 x 512 rows, 1000], are one chunk per program).
@@ -73,6 +73,13 @@ SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Once at most this many keys remain, the cut is found in registers (a FIN x FIN comparison;
 #: half as many below 8 warps, so that the tile stays at <= 64 entries per thread).
 FINISH_KEYS = 128
+#: The split path (rows over several programs, opt-in with ``split=``): by default one chunk of
+#: SPLIT_BLOCK entries per program of SPLIT_WARPS warps, SPLIT_PROBES probes per round (the best
+#: general config of the H100 sweep in BENCHMARKS.md, session 13).
+SPLIT_BLOCK = 1024
+SPLIT_WARPS = 4
+#: Probes per round of the split path (a round cuts the bracket into this many + 1 parts).
+SPLIT_PROBES = 8
 
 
 @triton.jit
@@ -360,6 +367,324 @@ def _select_rows(X, Param, Active, Scratch, Mask, Count,
                 seen += tl.sum(tie.to(tl.int32), 0)
 
 
+# ----------------------------------------------------------------------------- split rows
+# A row over several programs ("slices", opt-in: ``split=``). The one-program search above leaves
+# most SMs idle when rows are few (FlexPrefill: 2 x Hq rows). Here ``S`` programs share a row: each
+# counts (and sums) its slice's keys above NP probes spaced evenly over the bracket (a round cuts it
+# into NP + 1 parts), publishes the partials and waits at a barrier of the row's programs; then
+# every program sums the ``S`` partials in the same order (so all hold the same bracket, bit for
+# bit) and goes on. Once at most FIN keys remain in the bracket, each program copies its candidates
+# into a shared tile (slice order) and every program finds the cut in registers as above. No
+# compaction; a slice of one chunk is read once and kept in registers (ONE_CHUNK).
+#
+# Rounds, and what each publishes (``Xch[row, round % 2, slot, slice]``, double-buffered):
+#   phase 0: the slice's min / max key -> phase 1
+#   phase 1 / 2: sum the min / max (1) or the probe partials (2), update the bracket; then
+#       probe pass (-> 2), or copy the candidates to the tile (-> 3), or write the result (-> 4)
+#   phase 3: the cut from the tile, write the result (-> 4)
+# The barrier is a per-row counter (``Counter``, zeroed per call): a program adds 1 after
+# publishing (release), reads it until ``round x S`` and then acquires; published data is read
+# with ``.cg`` (L2), never from a stale L1 line. All programs of a row must be resident at once:
+# the host sizes the grid from the compiled kernel's registers and shared memory. The Triton
+# interpreter runs programs one after another, so there (``REPLAY``) each launch runs one round
+# and keeps the state in ``State``. Measured on the H100 (session 13, ``scripts/trace_row_select.py``):
+# ~6 rounds on profile rows, but each costs 5-15 us (more than its work: the next thing to find),
+# so it is not the default yet.
+_STATE_SCALARS = tl.constexpr(16)
+
+
+@triton.jit
+def _row_barrier(counter_ptr, target):
+    tl.debug_barrier()  # every thread's stores precede the release
+    seen = tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu") + 1
+    while seen < target:  # plain (volatile) reads while waiting: RMW polls of one word serialise
+        seen = tl.load(counter_ptr, volatile=True)
+    tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")  # the others' partials are visible after it
+    tl.debug_barrier()
+
+
+@triton.jit
+def _slice_extremes(x_ptr, n, BLOCK: tl.constexpr):
+    lanes = tl.arange(0, BLOCK)
+    vmin = tl.full([BLOCK], 2147483647, dtype=tl.int32)
+    vmax = tl.full([BLOCK], -2147483647 - 1, dtype=tl.int32)
+    for c in range(0, n, BLOCK):
+        offs = c + lanes
+        valid = offs < n
+        key = _load_keys(x_ptr, offs, valid, True)
+        vmin = tl.minimum(vmin, tl.where(valid, key, 2147483647))
+        vmax = tl.maximum(vmax, tl.where(valid, key, -2147483647 - 1))
+    return tl.min(vmin, 0), tl.max(vmax, 0)
+
+
+@triton.jit
+def _write_result(x_ptr, m_ptr, count_ptr, s, len_s, width_s, t, c_hi, m_hi, n_ties, ties_before, n_keep,
+                  target, count_bias, MASS: tl.constexpr, WRITE_MASK: tl.constexpr,
+                  WRITE_COUNT: tl.constexpr, BLOCK: tl.constexpr):
+    """Keep the keys above ``t`` and a prefix (index order, over the whole row) of those equal to
+    it; ``x_ptr`` / ``m_ptr`` point at the slice, which spans ``width_s`` mask entries."""
+    if MASS:
+        x_t = _value_of(t)
+        j_lo = tl.zeros([], dtype=tl.int32)
+        j_hi = n_ties
+        while j_lo < j_hi:
+            j_mid = j_lo + (j_hi - j_lo + 1) // 2
+            fits = m_hi + j_mid.to(tl.float32) * x_t <= target
+            j_lo = tl.where(fits, j_mid, j_lo)
+            j_hi = tl.where(fits, j_hi, j_mid - 1)
+        kept_ties = j_lo
+    else:
+        kept_ties = tl.minimum(tl.maximum(n_keep - c_hi.to(tl.int64), 0), n_ties.to(tl.int64)).to(tl.int32)
+    if WRITE_COUNT:
+        if s == 0:
+            tl.store(count_ptr, (c_hi + kept_ties).to(tl.int64) + count_bias)
+    if WRITE_MASK:
+        lanes = tl.arange(0, BLOCK)
+        if (kept_ties == 0) | (kept_ties == n_ties):
+            all_ties = kept_ties > 0
+            for c in range(0, width_s, BLOCK):
+                offs = c + lanes
+                live = offs < len_s
+                key = _load_keys(x_ptr, offs, live, True)
+                keep = live & ((key > t) | ((key == t) & all_ties))
+                tl.store(m_ptr + offs, keep.to(tl.uint8), mask=offs < width_s)
+        else:  # a split tie group: ranks among the ties in index order, after the earlier slices'
+            seen = ties_before
+            for c in range(0, width_s, BLOCK):
+                offs = c + lanes
+                live = offs < len_s
+                key = _load_keys(x_ptr, offs, live, True)
+                tie = live & (key == t)
+                rank = seen + tl.cumsum(tie.to(tl.int32), 0) - 1
+                keep = live & ((key > t) | (tie & (rank < kept_ties)))
+                tl.store(m_ptr + offs, keep.to(tl.uint8), mask=offs < width_s)
+                seen += tl.sum(tie.to(tl.int32), 0)
+
+
+@triton.jit
+def _probe_chunk(key, valid, probes, MASS: tl.constexpr):
+    above = valid[:, None] & (key[:, None] > probes[None, :])
+    cnt = tl.sum(above.to(tl.int32), 0)
+    if MASS:
+        mass = tl.sum(tl.where(above, _value_of(key)[:, None], 0.0), 0)
+    else:
+        mass = tl.zeros([probes.shape[0]], dtype=tl.float32)
+    return cnt, mass
+
+
+@triton.jit
+def _probe_many(x_ptr, n, probes, MASS: tl.constexpr, BLOCK: tl.constexpr):
+    """Count (and sum) the keys of ``x_ptr[:n]`` above each of the probes ``[P]``: per-lane
+    accumulators ``[BLOCK, P]``, one reduction at the end."""
+    lanes = tl.arange(0, BLOCK)
+    cnt = tl.zeros([BLOCK, probes.shape[0]], dtype=tl.int32)
+    mass = tl.zeros([BLOCK, probes.shape[0]], dtype=tl.float32)
+    for c in range(0, n, BLOCK):
+        offs = c + lanes
+        valid = offs < n
+        key = _load_keys(x_ptr, offs, valid, True)
+        above = valid[:, None] & (key[:, None] > probes[None, :])
+        cnt += above.to(tl.int32)
+        if MASS:
+            mass += tl.where(above, _value_of(key)[:, None], 0.0)
+    return tl.sum(cnt, 0), tl.sum(mass, 0)
+
+
+@triton.jit
+def _probes_of(lo, hi, NP: tl.constexpr):
+    """``NP`` probes cutting ``[lo, hi]`` into ``NP + 1`` near-equal parts (non-decreasing)."""
+    i = tl.arange(0, NP).to(tl.int64)
+    return (lo.to(tl.int64) + ((hi.to(tl.int64) - lo.to(tl.int64)) * (i + 1)) // (NP + 1)).to(tl.int32)
+
+
+@triton.jit
+def _pick(vec, idx, i):
+    """``vec[i]`` as a scalar (``idx``: ``arange`` over vec's length)."""
+    return tl.sum(tl.where(idx == i, vec, 0), 0)
+
+
+@triton.jit
+def _now():
+    """The GPU's global nanosecond timer (``TRACE`` only: the interpreter has no inline asm)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit(do_not_specialize=["stride_xr", "N", "W", "S", "count_bias"])
+def _select_split(X, Param, Active, Xch, Tile, Counter, State, Mask, Count, Trace,
+                  stride_xr, N, W, S, count_bias,
+                  S_PAD: tl.constexpr, NP: tl.constexpr, MASS: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+                  WRITE_MASK: tl.constexpr, WRITE_COUNT: tl.constexpr, BLOCK: tl.constexpr, FIN: tl.constexpr,
+                  REPLAY: tl.constexpr, TRACE: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    pid = tl.program_id(0)
+    row = (pid // S).to(tl.int64)
+    s = pid % S
+    sidx = tl.arange(0, S_PAD)
+    pidx = tl.arange(0, NP)
+    in_row = sidx < S
+    n_live = N
+    if HAS_ACTIVE:
+        n_live = tl.where(tl.load(Active + row) != 0, N, 0)
+    if MASS:
+        target = tl.load(Param + row).to(tl.float32)
+        n_keep = tl.zeros([], dtype=tl.int64)
+    else:
+        target = tl.zeros([], dtype=tl.float32)
+        n_keep = tl.load(Param + row).to(tl.int64)
+    start = s * W
+    len_s = tl.minimum(tl.maximum(n_live - start, 0), W)  # live keys of this slice
+    width_s = tl.minimum(tl.maximum(N - start, 0), W)  # its mask entries
+    x_s = X + row * stride_xr + start
+    m_s = Mask + row * N + start
+    xch = Xch + row * (2 * 2 * NP * S_PAD)
+    tile = Tile + row * FIN
+    fidx = tl.arange(0, FIN)
+    lens = tl.minimum(tl.maximum(n_live - sidx * W, 0), W)  # every slice's live keys
+    slots = pidx[:, None] * S_PAD + sidx[None, :]  # [NP, S_PAD]: probe i of slice j
+    got_mask = (pidx[:, None] < NP) & in_row[None, :]
+    lanes = tl.arange(0, BLOCK)
+    if ONE_CHUNK:  # the slice is one chunk: read once, kept in registers for every round
+        k_valid = lanes < len_s
+        k_reg = _load_keys(x_s, lanes, k_valid, True)
+    else:
+        k_valid = lanes < 0
+        k_reg = tl.zeros([BLOCK], dtype=tl.int32)
+
+    st = State + pid.to(tl.int64) * (_STATE_SCALARS + 2 * S_PAD)
+    if REPLAY:
+        phase = tl.load(st)
+        rnd = tl.load(st + 1)
+        lo = tl.load(st + 2)
+        hi = tl.load(st + 3)
+        c_hi = tl.load(st + 4)
+        m_hi = tl.load(st + 5).to(tl.float32, bitcast=True)
+        c_lo1 = tl.load(st + 6)
+        c_hi_s = tl.load(st + _STATE_SCALARS + sidx)  # per slice: keys above hi
+        c_lo1_s = tl.load(st + _STATE_SCALARS + S_PAD + sidx)  # per slice: keys >= lo
+    else:
+        phase = tl.zeros([], dtype=tl.int32)
+        rnd = tl.zeros([], dtype=tl.int32)
+        lo = tl.zeros([], dtype=tl.int32)
+        hi = tl.zeros([], dtype=tl.int32)
+        c_hi = tl.zeros([], dtype=tl.int32)
+        m_hi = tl.zeros([], dtype=tl.float32)
+        c_lo1 = tl.zeros([], dtype=tl.int32)
+        c_hi_s = tl.zeros([S_PAD], dtype=tl.int32)
+        c_lo1_s = tl.zeros([S_PAD], dtype=tl.int32)
+
+    go = phase < 4
+    while go:
+        if TRACE:  # [program, round, (start, published, released)], 64 rounds at most
+            tl.store(Trace + (pid * 64 + rnd) * 3, _now())
+        pub = xch + (rnd % 2) * (2 * NP * S_PAD) + s  # this round's slots; slot j at + j * S_PAD
+        got = xch + ((rnd + 1) % 2) * (2 * NP * S_PAD)  # the previous round's
+        if phase == 0:
+            if ONE_CHUNK:
+                vmin = tl.min(tl.where(k_valid, k_reg, 2147483647), 0)
+                vmax = tl.max(tl.where(k_valid, k_reg, -2147483647 - 1), 0)
+            else:
+                vmin, vmax = _slice_extremes(x_s, len_s, BLOCK)
+            tl.store(pub, vmin)
+            tl.store(pub + S_PAD, vmax)
+            phase = tl.full([], 1, dtype=tl.int32)
+        elif phase == 3:
+            # The cut among the <= FIN candidates in the tile (slice order), as the one-program search.
+            n_cand = c_lo1 - c_hi
+            keys = tl.load(tile + fidx, mask=fidx < n_cand, other=0, cache_modifier=".cg")
+            t, c_hi_t, m_hi_t, c_ge = _finish(keys, n_cand, lo, hi, c_hi, m_hi, n_keep, target, MASS)
+            before = tl.sum(tl.where(in_row & (sidx < s), c_lo1_s - c_hi_s, 0), 0)  # my first tile slot
+            ties_before = tl.sum(((fidx < before) & (keys == t)).to(tl.int32), 0)
+            _write_result(x_s, m_s, Count + row, s, len_s, width_s, t, c_hi_t, m_hi_t, c_ge - c_hi_t,
+                          ties_before, n_keep, target, count_bias, MASS, WRITE_MASK, WRITE_COUNT, BLOCK)
+            phase = tl.full([], 4, dtype=tl.int32)
+        else:
+            if phase == 1:  # the row's key range: the cut lies in [min - 1, max]
+                lo = tl.min(tl.load(got + sidx, mask=in_row, other=2147483647, cache_modifier=".cg"), 0)
+                lo = tl.where(lo > -2147483647 - 1, lo - 1, lo)  # an empty row leaves lo > hi
+                hi = tl.max(tl.load(got + S_PAD + sidx, mask=in_row, other=-2147483647 - 1,
+                                    cache_modifier=".cg"), 0)
+                c_hi = tl.zeros([], dtype=tl.int32)
+                m_hi = tl.zeros([], dtype=tl.float32)
+                c_lo1 = tl.zeros([], dtype=tl.int32) + n_live
+                c_hi_s = tl.zeros([S_PAD], dtype=tl.int32)
+                c_lo1_s = lens
+            else:  # the probes' counts (and masses) per slice, summed over the slices in one order
+                probes = _probes_of(lo, hi, NP)
+                k_all = tl.load(got + slots, mask=got_mask, other=0, cache_modifier=".cg")  # [NP, S_PAD]
+                cnt = tl.sum(k_all, 1)
+                if MASS:
+                    m_all = tl.load(got + NP * S_PAD + slots, mask=got_mask, other=0,
+                                    cache_modifier=".cg").to(tl.float32, bitcast=True)
+                    mass = tl.sum(m_all, 1)
+                    feasible = mass <= target
+                else:
+                    mass = tl.zeros([NP], dtype=tl.float32)
+                    feasible = cnt.to(tl.int64) < n_keep
+                # Feasibility is monotone in the probe: the cut lies between the last infeasible
+                # probe (exclusive) and the first feasible one.
+                first = tl.min(tl.where(feasible, pidx, NP), 0)
+                if first < NP:
+                    hi = _pick(probes, pidx, first)
+                    c_hi = _pick(cnt, pidx, first)
+                    m_hi = _pick(mass, pidx, first)
+                    c_hi_s = tl.sum(tl.where(pidx[:, None] == first, k_all, 0), 0)
+                if first > 0:
+                    lo = _pick(probes, pidx, first - 1) + 1
+                    c_lo1 = _pick(cnt, pidx, first - 1)
+                    c_lo1_s = tl.sum(tl.where(pidx[:, None] == first - 1, k_all, 0), 0)
+            if (lo < hi) & (c_lo1 - c_hi > FIN):  # another probe pass over the slice
+                if ONE_CHUNK:
+                    cnt, mass = _probe_chunk(k_reg, k_valid, _probes_of(lo, hi, NP), MASS)
+                else:
+                    cnt, mass = _probe_many(x_s, len_s, _probes_of(lo, hi, NP), MASS, BLOCK)
+                tl.store(pub + pidx * S_PAD, cnt)
+                if MASS:
+                    tl.store(pub + (NP + pidx) * S_PAD, mass.to(tl.int32, bitcast=True))
+                phase = tl.full([], 2, dtype=tl.int32)
+            elif lo < hi:  # <= FIN candidates: copy mine to the tile after the earlier slices'
+                slot = tl.sum(tl.where(in_row & (sidx < s), c_lo1_s - c_hi_s, 0), 0)
+                if ONE_CHUNK:
+                    cand = k_valid & (k_reg >= lo) & (k_reg <= hi)
+                    tl.store(tile + slot + tl.cumsum(cand.to(tl.int32), 0) - 1, k_reg, mask=cand)
+                else:
+                    for c in range(0, len_s, BLOCK):
+                        offs = c + lanes
+                        valid = offs < len_s
+                        key = _load_keys(x_s, offs, valid, True)
+                        cand = valid & (key >= lo) & (key <= hi)
+                        pos = slot + tl.cumsum(cand.to(tl.int32), 0) - 1
+                        tl.store(tile + pos, key, mask=cand)
+                        slot += tl.sum(cand.to(tl.int32), 0)
+                phase = tl.full([], 3, dtype=tl.int32)
+            else:  # the bracket is one key (or the row is empty): t = lo, its ties per slice known
+                ties = tl.where(in_row, c_lo1_s - c_hi_s, 0)
+                ties_before = tl.sum(tl.where(sidx < s, ties, 0), 0)
+                _write_result(x_s, m_s, Count + row, s, len_s, width_s, lo, c_hi, m_hi, c_lo1 - c_hi,
+                              ties_before, n_keep, target, count_bias, MASS, WRITE_MASK, WRITE_COUNT, BLOCK)
+                phase = tl.full([], 4, dtype=tl.int32)
+        rnd += 1
+        if REPLAY:
+            go = phase < 0
+        else:
+            go = phase < 4
+            if go:
+                if TRACE:
+                    tl.store(Trace + (pid * 64 + rnd - 1) * 3 + 1, _now())
+                _row_barrier(Counter + row, rnd * S)
+                if TRACE:
+                    tl.store(Trace + (pid * 64 + rnd - 1) * 3 + 2, _now())
+
+    if REPLAY:
+        tl.store(st, phase)
+        tl.store(st + 1, rnd)
+        tl.store(st + 2, lo)
+        tl.store(st + 3, hi)
+        tl.store(st + 4, c_hi)
+        tl.store(st + 5, m_hi.to(tl.int32, bitcast=True))
+        tl.store(st + 6, c_lo1)
+        tl.store(st + _STATE_SCALARS + sidx, c_hi_s)
+        tl.store(st + _STATE_SCALARS + S_PAD + sidx, c_lo1_s)
+
+
 def _shape_name(x) -> str:
     return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
@@ -398,9 +723,89 @@ def _block_and_warps(N: int, block: Optional[int], num_warps: Optional[int]) -> 
     return block, num_warps
 
 
+_RESIDENT: dict = {}
+
+
+def _resident_per_sm(args, consts: dict, num_warps: int, device: torch.device) -> int:
+    """How many programs of ``_select_split`` (compiled with ``consts``) an SM holds at once, from
+    the compiled kernel's registers and shared memory (cached per configuration)."""
+    key = (device.index, num_warps, tuple(sorted(consts.items())))
+    if key not in _RESIDENT:
+        props = torch.cuda.get_device_properties(device)
+        regs, shared = 255, 0  # worst case, if the compiled kernel cannot tell
+        try:
+            kernel = _select_split.warmup(*args, grid=(1,), num_warps=num_warps, **consts)
+            kernel._init_handles()
+            regs, shared = int(kernel.n_regs), int(kernel.metadata.shared)
+        except Exception:  # an older / newer Triton without these attributes
+            pass
+        warp_regs = -(-regs * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
+        smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+        by_threads = props.max_threads_per_multi_processor // (32 * num_warps)
+        by_regs = 65536 // (warp_regs * num_warps)
+        by_smem = smem // (shared + 1024) if shared else 32  # 1 KB per block reserved by the driver
+        _RESIDENT[key] = max(1, min(32, by_threads, by_regs, by_smem))
+    return _RESIDENT[key]
+
+
+def _select_split_rows(rows, param, act, mask, count, *, R, N, mass, write_mask, write_count, count_bias,
+                       has_active, block, num_warps, split, probes, trace):
+    """The split path (see "split rows" above); returns False, launching nothing, if a row would
+    get fewer than two programs."""
+    dev = rows.device
+    replay = triton_interpreting()  # the interpreter runs programs in turn: one round per launch
+    block = SPLIT_BLOCK if block is None else block
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    num_warps = SPLIT_WARPS if num_warps is None else num_warps
+    n_probes = SPLIT_PROBES if probes is None else probes
+    if n_probes < 2 or n_probes & (n_probes - 1):
+        raise ValueError(f"probes must be a power of two >= 2, got {n_probes!r}")
+    # `split` slices of whole chunks; a slice of one chunk is kept in registers (ONE_CHUNK).
+    W = triton.cdiv(triton.cdiv(N, split), block) * block
+    fin = FINISH_KEYS if num_warps >= 8 else FINISH_KEYS // 2
+    for _ in range(3):
+        S = triton.cdiv(N, W)
+        if S < 2:
+            return False
+        s_pad = triton.next_power_of_2(S)
+        consts = dict(S_PAD=s_pad, NP=n_probes, MASS=mass, HAS_ACTIVE=has_active, WRITE_MASK=write_mask,
+                      WRITE_COUNT=write_count, BLOCK=block, FIN=fin, REPLAY=replay, TRACE=trace is not None,
+                      ONE_CHUNK=W == block)
+        xch = torch.empty(R, 2, 2 * n_probes, s_pad, dtype=torch.int32, device=dev)
+        tile = torch.empty(R, fin, dtype=torch.int32, device=dev)
+        counter = torch.zeros(R, dtype=torch.int32, device=dev)
+        state = torch.zeros(R * S, _STATE_SCALARS.value + 2 * s_pad, dtype=torch.int32, device=dev) \
+            if replay else counter
+        args = (rows, param, act, xch, tile, counter, state, mask.view(torch.uint8) if mask is not None else tile,
+                count if count is not None else tile, trace if trace is not None else counter,
+                rows.stride(0), N, W, S, int(count_bias))
+        if replay:
+            break
+        # The programs of a row wait for each other: all of them must be resident at once.
+        per_row = _resident_per_sm(args, consts, num_warps, dev) * \
+            torch.cuda.get_device_properties(dev).multi_processor_count // R
+        if S <= per_row:
+            break
+        if per_row < 2:
+            return False
+        W = triton.cdiv(triton.cdiv(N, per_row), block) * block
+    else:
+        return False
+    for _ in range(64 if replay else 1):
+        _select_split[(R * S,)](*args, num_warps=num_warps, **consts)
+        if replay and bool((state[:, 0] >= 4).all()):
+            break
+    else:
+        if replay:
+            raise RuntimeError("split row selection did not finish in 64 rounds")
+    return True
+
+
 def _select(x: torch.Tensor, param: torch.Tensor, *, mass: bool, write_mask: bool, write_count: bool,
             count_bias: int = 0, active: Optional[torch.Tensor] = None, block: Optional[int] = None,
-            num_warps: Optional[int] = None, fused: Optional[bool] = None):
+            num_warps: Optional[int] = None, fused: Optional[bool] = None, split: Optional[int] = None,
+            probes: Optional[int] = None, trace: Optional[torch.Tensor] = None):
     lead, N = x.shape[:-1], x.shape[-1]
     R = math.prod(lead)
     dev = x.device
@@ -412,25 +817,34 @@ def _select(x: torch.Tensor, param: torch.Tensor, *, mass: bool, write_mask: boo
         if count is not None:
             count.fill_(count_bias)
         return mask, count
+    if split is not None and (not isinstance(split, numbers.Integral) or isinstance(split, bool) or split < 1):
+        raise ValueError(f"split must be an int >= 1, got {split!r}")
     rows = x.reshape(R, N)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
+    act = active.reshape(-1).contiguous().view(torch.uint8) if active is not None else param
+    # Split rows only when asked: on the H100 it is not yet faster on the estimators' rows (BENCHMARKS.md).
+    if split is not None and split > 1 and _select_split_rows(rows, param, act, mask, count, R=R, N=N, mass=mass, write_mask=write_mask,
+                                        write_count=write_count, count_bias=count_bias,
+                                        has_active=active is not None, block=block, num_warps=num_warps,
+                                        split=split, probes=probes, trace=trace):
+        return mask, count
+    fused = not triton_interpreting() if fused is None else bool(fused)
     block, num_warps = _block_and_warps(N, block, num_warps)
     n_pad = triton.cdiv(N, block) * block  # a lane-major buffer: block lanes x ceil(N / block) keys
     scratch = torch.empty(R, 2 * n_pad, dtype=torch.int32, device=dev)
-    act = active.reshape(-1).contiguous().view(torch.uint8) if active is not None else param
     mask_arg = mask.view(torch.uint8) if mask is not None else scratch
     count_arg = count if count is not None else scratch
     _select_rows[(R,)](rows, param, act, scratch, mask_arg, count_arg,
                        rows.stride(0), N, n_pad, int(count_bias),
                        MASS=mass, HAS_ACTIVE=active is not None, WRITE_MASK=write_mask, WRITE_COUNT=write_count,
                        BLOCK=block, FIN=FINISH_KEYS if num_warps >= 8 else FINISH_KEYS // 2,
-                       FUSED=not triton_interpreting() if fused is None else bool(fused), num_warps=num_warps)
+                       FUSED=fused, num_warps=num_warps)
     return mask, count
 
 
 def rank_mask_triton(scores: torch.Tensor, n, *, block: Optional[int] = None, num_warps: Optional[int] = None,
-                     fused: Optional[bool] = None) -> torch.Tensor:
+                     fused: Optional[bool] = None, split: Optional[int] = None) -> torch.Tensor:
     """bool ``[..., N]``: the ``n`` best entries of each row, ties to the lower index.
 
     The twin of ``methods.base.rank_mask``, exactly (NaN ranks above ``+inf``; ``-0.0`` ties
@@ -442,6 +856,11 @@ def rank_mask_triton(scores: torch.Tensor, n, *, block: Optional[int] = None, nu
         block, num_warps: the chunk of a row one pass reads, and the warps of a row's program.
         fused: one tuple reduction per pass (default: on, except in the interpreter, where a
             tuple reduction runs element by element; tests force it on small rows).
+        split: programs per row (default one; see "split rows" in the module). Slices are whole
+            chunks of ``block`` entries (default ``SPLIT_BLOCK`` there), and fewer than asked if
+            a row's programs would not all be resident at once (they wait for each other); a row
+            shorter than two chunks runs on one program. The result does not depend on it, except
+            a mass selection's float32 sums (per slice, then over slices).
     No host sync.
     """
     _check_rows("scores", scores)
@@ -452,7 +871,7 @@ def rank_mask_triton(scores: torch.Tensor, n, *, block: Optional[int] = None, nu
         raise ValueError(f"n must be an int or an integer tensor, got {n!r}")
     param = _per_row("n", n, scores.shape[:-1], scores.device, torch.int64)
     mask, _ = _select(scores, param, mass=False, write_mask=True, write_count=False, block=block,
-                      num_warps=num_warps, fused=fused)
+                      num_warps=num_warps, fused=fused, split=split)
     return mask
 
 
@@ -465,7 +884,7 @@ def _check_target(name: str, value) -> None:
 
 
 def cover_count_triton(x: torch.Tensor, gamma, *, block: Optional[int] = None, num_warps: Optional[int] = None,
-                       fused: Optional[bool] = None) -> torch.Tensor:
+                       fused: Optional[bool] = None, split: Optional[int] = None) -> torch.Tensor:
     """int64 ``[...]``: per row, 1 + how many of the largest entries have a cumulative sum ``<= gamma``.
 
     The twin of flexprefill's ``_cover_count`` (``gamma`` compares in float32, as there). Entries
@@ -474,20 +893,20 @@ def cover_count_triton(x: torch.Tensor, gamma, *, block: Optional[int] = None, n
     Args:
         x: float32 / float16 / bfloat16 ``[..., N]``.
         gamma: a float, or a float tensor broadcastable to ``x.shape[:-1]``.
-        block, num_warps, fused: as in :func:`rank_mask_triton`.
+        block, num_warps, fused, split: as in :func:`rank_mask_triton`.
     No host sync.
     """
     _check_rows("x", x)
     _check_target("gamma", gamma)
     param = _per_row("gamma", gamma, x.shape[:-1], x.device, torch.float32)
     _, count = _select(x, param, mass=True, write_mask=False, write_count=True, count_bias=1, block=block,
-                       num_warps=num_warps, fused=fused)
+                       num_warps=num_warps, fused=fused, split=split)
     return count
 
 
 def cumsum_mask_triton(x: torch.Tensor, target, *, active: Optional[torch.Tensor] = None,
                        block: Optional[int] = None, num_warps: Optional[int] = None,
-                       fused: Optional[bool] = None) -> torch.Tensor:
+                       fused: Optional[bool] = None, split: Optional[int] = None) -> torch.Tensor:
     """bool ``[..., N]``: the entries whose cumulative sum, in stable descending order, is ``<= target``.
 
     What ``sort(x, descending=True, stable=True)`` + ``cumsum(values) <= target`` scattered back
@@ -500,7 +919,7 @@ def cumsum_mask_triton(x: torch.Tensor, target, *, active: Optional[torch.Tensor
         target: a float, or a float tensor broadcastable to ``x.shape[:-1]`` (compared in float32).
         active: optional bool tensor broadcastable to ``x.shape[:-1]``: rows where it is False
             select nothing (and cost a zero fill).
-        block, num_warps, fused: as in :func:`rank_mask_triton`.
+        block, num_warps, fused, split: as in :func:`rank_mask_triton`.
     No host sync.
     """
     _check_rows("x", x)
@@ -514,7 +933,7 @@ def cumsum_mask_triton(x: torch.Tensor, target, *, active: Optional[torch.Tensor
                              f"{active.dtype if isinstance(active, torch.Tensor) else type(active).__name__}")
         act = _per_row("active", active, lead, x.device, torch.bool)
     mask, _ = _select(x, param, mass=True, write_mask=True, write_count=False, active=act, block=block,
-                      num_warps=num_warps, fused=fused)
+                      num_warps=num_warps, fused=fused, split=split)
     return mask
 
 
