@@ -210,6 +210,50 @@ def _finish(keys, n_keys, lo, hi, base_c, base_m, n_keep, target, MASS: tl.const
     return t, c_hi, m_hi, c_ge
 
 
+@triton.jit
+def _write_result(x_ptr, m_ptr, count_ptr, s, len_s, width_s, t, c_hi, m_hi, n_ties, ties_before, n_keep,
+                  target, count_bias, MASS: tl.constexpr, WRITE_MASK: tl.constexpr,
+                  WRITE_COUNT: tl.constexpr, BLOCK: tl.constexpr):
+    """Keep the keys above ``t`` and a prefix (index order, over the whole row) of those equal to
+    it; ``x_ptr`` / ``m_ptr`` point at the slice, which spans ``width_s`` mask entries."""
+    if MASS:
+        x_t = _value_of(t)
+        j_lo = tl.zeros([], dtype=tl.int32)
+        j_hi = n_ties
+        while j_lo < j_hi:
+            j_mid = j_lo + (j_hi - j_lo + 1) // 2
+            fits = m_hi + j_mid.to(tl.float32) * x_t <= target
+            j_lo = tl.where(fits, j_mid, j_lo)
+            j_hi = tl.where(fits, j_hi, j_mid - 1)
+        kept_ties = j_lo
+    else:
+        kept_ties = tl.minimum(tl.maximum(n_keep - c_hi.to(tl.int64), 0), n_ties.to(tl.int64)).to(tl.int32)
+    if WRITE_COUNT:
+        if s == 0:
+            tl.store(count_ptr, (c_hi + kept_ties).to(tl.int64) + count_bias)
+    if WRITE_MASK:
+        lanes = tl.arange(0, BLOCK)
+        if (kept_ties == 0) | (kept_ties == n_ties):
+            all_ties = kept_ties > 0
+            for c in range(0, width_s, BLOCK):
+                offs = c + lanes
+                live = offs < len_s
+                key = _load_keys(x_ptr, offs, live, True)
+                keep = live & ((key > t) | ((key == t) & all_ties))
+                tl.store(m_ptr + offs, keep.to(tl.uint8), mask=offs < width_s)
+        else:  # a split tie group: ranks among the ties in index order, after the earlier slices'
+            seen = ties_before
+            for c in range(0, width_s, BLOCK):
+                offs = c + lanes
+                live = offs < len_s
+                key = _load_keys(x_ptr, offs, live, True)
+                tie = live & (key == t)
+                rank = seen + tl.cumsum(tie.to(tl.int32), 0) - 1
+                keep = live & ((key > t) | (tie & (rank < kept_ties)))
+                tl.store(m_ptr + offs, keep.to(tl.uint8), mask=offs < width_s)
+                seen += tl.sum(tie.to(tl.int32), 0)
+
+
 # Lengths and strides of 1 are not specialised: Triton 3.6's coalescing pass asserts on the
 # size-1 layouts that specialisation produces (rows of a single entry, seen on the H100).
 @triton.jit(do_not_specialize=["stride_xr", "N", "n_pad", "count_bias"])
@@ -327,44 +371,8 @@ def _select_rows(X, Param, Active, Scratch, Mask, Count,
     else:
         t = lo
 
-    n_ties = c_lo1 - c_hi  # keys equal to t
-    if MASS:
-        # The j-th tie (1-based) ends at M(t) + j * x_t: keep the longest run that stays <= target.
-        x_t = _value_of(t)
-        j_lo = tl.zeros([], dtype=tl.int32)
-        j_hi = n_ties
-        while j_lo < j_hi:
-            j_mid = j_lo + (j_hi - j_lo + 1) // 2
-            fits = m_hi + j_mid.to(tl.float32) * x_t <= target
-            j_lo = tl.where(fits, j_mid, j_lo)
-            j_hi = tl.where(fits, j_hi, j_mid - 1)
-        kept_ties = j_lo
-    else:
-        kept_ties = tl.minimum(tl.maximum(n_keep - c_hi.to(tl.int64), 0), n_ties.to(tl.int64)).to(tl.int32)
-
-    if WRITE_COUNT:
-        tl.store(Count + row, (c_hi + kept_ties).to(tl.int64) + count_bias)
-    if WRITE_MASK:
-        m_row = Mask + row * N
-        if (kept_ties == 0) | (kept_ties == n_ties):
-            all_ties = kept_ties > 0
-            for c in range(0, N, BLOCK):
-                offs = c + lanes
-                live = offs < n_live
-                key = _load_keys(x_row, offs, live, True)
-                keep = live & ((key > t) | ((key == t) & all_ties))
-                tl.store(m_row + offs, keep.to(tl.uint8), mask=offs < N)
-        else:  # a partial tie group: ranks among the ties in index order
-            seen = tl.zeros([], dtype=tl.int32)
-            for c in range(0, N, BLOCK):
-                offs = c + lanes
-                live = offs < n_live
-                key = _load_keys(x_row, offs, live, True)
-                tie = live & (key == t)
-                rank = seen + tl.cumsum(tie.to(tl.int32), 0) - 1
-                keep = live & ((key > t) | (tie & (rank < kept_ties)))
-                tl.store(m_row + offs, keep.to(tl.uint8), mask=offs < N)
-                seen += tl.sum(tie.to(tl.int32), 0)
+    _write_result(x_row, Mask + row * N, Count + row, 0, n_live, N, t, c_hi, m_hi, c_lo1 - c_hi,
+                  tl.zeros([], dtype=tl.int32), n_keep, target, count_bias, MASS, WRITE_MASK, WRITE_COUNT, BLOCK)
 
 
 # ----------------------------------------------------------------------------- split rows
@@ -415,50 +423,6 @@ def _slice_extremes(x_ptr, n, BLOCK: tl.constexpr):
         vmin = tl.minimum(vmin, tl.where(valid, key, 2147483647))
         vmax = tl.maximum(vmax, tl.where(valid, key, -2147483647 - 1))
     return tl.min(vmin, 0), tl.max(vmax, 0)
-
-
-@triton.jit
-def _write_result(x_ptr, m_ptr, count_ptr, s, len_s, width_s, t, c_hi, m_hi, n_ties, ties_before, n_keep,
-                  target, count_bias, MASS: tl.constexpr, WRITE_MASK: tl.constexpr,
-                  WRITE_COUNT: tl.constexpr, BLOCK: tl.constexpr):
-    """Keep the keys above ``t`` and a prefix (index order, over the whole row) of those equal to
-    it; ``x_ptr`` / ``m_ptr`` point at the slice, which spans ``width_s`` mask entries."""
-    if MASS:
-        x_t = _value_of(t)
-        j_lo = tl.zeros([], dtype=tl.int32)
-        j_hi = n_ties
-        while j_lo < j_hi:
-            j_mid = j_lo + (j_hi - j_lo + 1) // 2
-            fits = m_hi + j_mid.to(tl.float32) * x_t <= target
-            j_lo = tl.where(fits, j_mid, j_lo)
-            j_hi = tl.where(fits, j_hi, j_mid - 1)
-        kept_ties = j_lo
-    else:
-        kept_ties = tl.minimum(tl.maximum(n_keep - c_hi.to(tl.int64), 0), n_ties.to(tl.int64)).to(tl.int32)
-    if WRITE_COUNT:
-        if s == 0:
-            tl.store(count_ptr, (c_hi + kept_ties).to(tl.int64) + count_bias)
-    if WRITE_MASK:
-        lanes = tl.arange(0, BLOCK)
-        if (kept_ties == 0) | (kept_ties == n_ties):
-            all_ties = kept_ties > 0
-            for c in range(0, width_s, BLOCK):
-                offs = c + lanes
-                live = offs < len_s
-                key = _load_keys(x_ptr, offs, live, True)
-                keep = live & ((key > t) | ((key == t) & all_ties))
-                tl.store(m_ptr + offs, keep.to(tl.uint8), mask=offs < width_s)
-        else:  # a split tie group: ranks among the ties in index order, after the earlier slices'
-            seen = ties_before
-            for c in range(0, width_s, BLOCK):
-                offs = c + lanes
-                live = offs < len_s
-                key = _load_keys(x_ptr, offs, live, True)
-                tie = live & (key == t)
-                rank = seen + tl.cumsum(tie.to(tl.int32), 0) - 1
-                keep = live & ((key > t) | (tie & (rank < kept_ties)))
-                tl.store(m_ptr + offs, keep.to(tl.uint8), mask=offs < width_s)
-                seen += tl.sum(tie.to(tl.int32), 0)
 
 
 @triton.jit
