@@ -211,6 +211,22 @@ def _finish(keys, n_keys, lo, hi, base_c, base_m, n_keep, target, MASS: tl.const
 
 
 @triton.jit
+def _row_params(Param, Active, row, N, MASS: tl.constexpr, HAS_ACTIVE: tl.constexpr):
+    """A row's live length (0 for an inactive row: it selects nothing), and its mass target or
+    its count (the other one zero)."""
+    n_live = N
+    if HAS_ACTIVE:
+        n_live = tl.where(tl.load(Active + row) != 0, N, 0)
+    if MASS:
+        target = tl.load(Param + row).to(tl.float32)
+        n_keep = tl.zeros([], dtype=tl.int64)
+    else:
+        target = tl.zeros([], dtype=tl.float32)
+        n_keep = tl.load(Param + row).to(tl.int64)
+    return n_live, target, n_keep
+
+
+@triton.jit
 def _write_result(x_ptr, m_ptr, count_ptr, s, len_s, width_s, t, c_hi, m_hi, n_ties, ties_before, n_keep,
                   target, count_bias, MASS: tl.constexpr, WRITE_MASK: tl.constexpr,
                   WRITE_COUNT: tl.constexpr, BLOCK: tl.constexpr):
@@ -265,15 +281,7 @@ def _select_rows(X, Param, Active, Scratch, Mask, Count,
     x_row = X + row * stride_xr
     s_row = Scratch + row * (2 * n_pad)  # two lane-major buffers of n_pad keys
     lanes = tl.arange(0, BLOCK)
-    n_live = N
-    if HAS_ACTIVE:
-        n_live = tl.where(tl.load(Active + row) != 0, N, 0)  # an inactive row selects nothing
-    if MASS:
-        target = tl.load(Param + row).to(tl.float32)
-        n_keep = tl.zeros([], dtype=tl.int64)
-    else:
-        target = tl.zeros([], dtype=tl.float32)
-        n_keep = tl.load(Param + row).to(tl.int64)
+    n_live, target, n_keep = _row_params(Param, Active, row, N, MASS, HAS_ACTIVE)
 
     # Key range: the cut lies in [min - 1, max] (min - 1 keeps everything). This first read of the
     # row comes from L2: two chunks per iteration keep twice the loads in flight.
@@ -485,15 +493,7 @@ def _select_split(X, Param, Active, Xch, Tile, Counter, State, Mask, Count, Trac
     sidx = tl.arange(0, S_PAD)
     pidx = tl.arange(0, NP)
     in_row = sidx < S
-    n_live = N
-    if HAS_ACTIVE:
-        n_live = tl.where(tl.load(Active + row) != 0, N, 0)
-    if MASS:
-        target = tl.load(Param + row).to(tl.float32)
-        n_keep = tl.zeros([], dtype=tl.int64)
-    else:
-        target = tl.zeros([], dtype=tl.float32)
-        n_keep = tl.load(Param + row).to(tl.int64)
+    n_live, target, n_keep = _row_params(Param, Active, row, N, MASS, HAS_ACTIVE)
     start = s * W
     len_s = tl.minimum(tl.maximum(n_live - start, 0), W)  # live keys of this slice
     width_s = tl.minimum(tl.maximum(N - start, 0), W)  # its mask entries
