@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -19,6 +20,42 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_side_streams: dict = {}
+# SPARSEATTN_CONCURRENT=0 runs both branches in order on one stream (for comparisons and debugging).
+_branches_enabled = os.environ.get("SPARSEATTN_CONCURRENT", "1") != "0"
+
+
+@contextlib.contextmanager
+def concurrent_branch(device: torch.device) -> Iterator[contextlib.AbstractContextManager]:
+    """Two branches of work on ``device`` that may run at the same time.
+
+    ``with concurrent_branch(dev) as side:`` yields a context manager; work issued inside ``with
+    side:`` goes to a second stream that starts where the current stream stands on entry, work
+    issued outside it stays on the current stream, and on exit (also on an error) the current
+    stream waits for the second. For an estimator whose critical path is a launch that fills few
+    SMs (a selection over a handful of long rows), independent work then uses the idle ones. Also
+    inside a CUDA-graph capture (the branch becomes a parallel path of the graph). No host sync.
+    Off CUDA both branches run in order on the one stream.
+
+    Memory: tensors made in one branch and read in the other are read only after the join, or
+    were made before the fork; each later fork starts after everything the current stream issued
+    before it, so a freed block of the second stream is never reused while the first still reads it.
+    """
+    if device.type != "cuda" or not _branches_enabled:
+        yield contextlib.nullcontext()
+        return
+    main = torch.cuda.current_stream(device)
+    index = main.device.index
+    side = _side_streams.get(index)
+    if side is None:
+        side = _side_streams[index] = torch.cuda.Stream(device=main.device)
+    side.wait_stream(main)
+    try:
+        yield torch.cuda.stream(side)
+    finally:
+        main.wait_stream(side)
 
 
 def triton_import_error() -> Optional[str]:
