@@ -145,6 +145,34 @@ def test_cover_count_random_floats_away_from_the_cut(dtype):
         assert ((got - want).abs() <= 1).all()  # a boundary row may differ by one entry at most
 
 
+def piece_extremes(x, parts):
+    """Per row, the (min, max) keys (float32 bits: values >= 0) of ``parts`` pieces covering it."""
+    keys = x.float().contiguous().view(torch.int32)
+    piece = -(-x.shape[-1] // parts)
+    out = torch.empty(*x.shape[:-1], parts, 2, dtype=torch.int32)
+    for c in range(parts):
+        part = keys[..., c * piece:(c + 1) * piece]
+        out[..., c, 0], out[..., c, 1] = part.amin(-1), part.amax(-1)
+    return out
+
+
+@pytest.mark.parametrize("N,parts", [(1, 1), (400, 3), (1000, 16)])
+def test_cover_count_from_given_extremes(N, parts):
+    """The search started from per-piece key ranges (no pass of its own) gives the same counts;
+    rows of one repeated value (lo = hi - 1 at the start)."""
+    x = grid_rows((2, 3, N), seed=N + 1)
+    x[1, 2] = 0.25
+    ext = piece_extremes(x, parts)
+    for gamma in (0.0, 0.3, 1.7, 1e6):
+        want = rs().cover_count_triton(x.to(DEVICE), gamma, block=128).cpu()
+        got = rs().cover_count_triton(x.to(DEVICE), gamma, block=128, extremes=ext.to(DEVICE)).cpu()
+        assert torch.equal(got, want) and torch.equal(got, _cover_count(x, gamma))
+    with pytest.raises(ValueError, match="extremes"):
+        rs().cover_count_triton(x.to(DEVICE), 0.5, extremes=ext[0].to(DEVICE))
+    with pytest.raises(ValueError, match="extremes"):
+        rs().cover_count_triton(x.to(DEVICE), 0.5, extremes=ext.long().to(DEVICE))
+
+
 # ----------------------------------------------------------------------------- cumsum_mask
 @pytest.mark.parametrize("N,block", [(1, None), (90, None), (300, 128)])
 def test_cumsum_mask_exact_on_grid_values(N, block):
@@ -396,8 +424,8 @@ def torch_twins(monkeypatch):
     def rank_mask_twin(scores, n, **kw):
         return rank_mask(scores, n.expand(scores.shape[:-1]) if isinstance(n, torch.Tensor) else torch.tensor(n))
 
-    def cover_count_twin(x, gamma, **kw):
-        return _cover_count(x, gamma)
+    def cover_count_twin(x, gamma, **kw):  # gamma: a float or a per-row tensor (FlexPrefill's)
+        return _cover_count(x, gamma.unsqueeze(-1) if isinstance(gamma, torch.Tensor) else gamma)
 
     def cumsum_mask_twin(x, target, active=None, **kw):
         t = target.expand(x.shape[:-1]) if isinstance(target, torch.Tensor) else torch.full(x.shape[:-1], target)

@@ -272,33 +272,40 @@ def _write_result(x_ptr, m_ptr, count_ptr, s, len_s, width_s, t, c_hi, m_hi, n_t
 
 # Lengths and strides of 1 are not specialised: Triton 3.6's coalescing pass asserts on the
 # size-1 layouts that specialisation produces (rows of a single entry, seen on the H100).
-@triton.jit(do_not_specialize=["stride_xr", "N", "n_pad", "count_bias"])
-def _select_rows(X, Param, Active, Scratch, Mask, Count,
-                 stride_xr, N, n_pad, count_bias,
+@triton.jit(do_not_specialize=["stride_xr", "N", "n_pad", "count_bias", "n_parts"])
+def _select_rows(X, Param, Active, Scratch, Mask, Count, Extremes,
+                 stride_xr, N, n_pad, count_bias, n_parts,
                  MASS: tl.constexpr, HAS_ACTIVE: tl.constexpr, WRITE_MASK: tl.constexpr,
-                 WRITE_COUNT: tl.constexpr, BLOCK: tl.constexpr, FIN: tl.constexpr, FUSED: tl.constexpr):
+                 WRITE_COUNT: tl.constexpr, BLOCK: tl.constexpr, FIN: tl.constexpr, FUSED: tl.constexpr,
+                 PARTS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xr
     s_row = Scratch + row * (2 * n_pad)  # two lane-major buffers of n_pad keys
     lanes = tl.arange(0, BLOCK)
     n_live, target, n_keep = _row_params(Param, Active, row, N, MASS, HAS_ACTIVE)
 
-    # Key range: the cut lies in [min - 1, max] (min - 1 keeps everything). This first read of the
-    # row comes from L2: two chunks per iteration keep twice the loads in flight.
-    vmin = tl.full([BLOCK], 2147483647, dtype=tl.int32)
-    vmax = tl.full([BLOCK], -2147483647 - 1, dtype=tl.int32)
-    for c in range(0, n_live, 2 * BLOCK):
-        offs = c + lanes
-        valid = offs < n_live
-        valid2 = offs + BLOCK < n_live
-        key = _load_keys(x_row, offs, valid, True)
-        key2 = _load_keys(x_row, offs + BLOCK, valid2, True)
-        vmin = tl.minimum(vmin, tl.minimum(tl.where(valid, key, 2147483647), tl.where(valid2, key2, 2147483647)))
-        vmax = tl.maximum(vmax, tl.maximum(tl.where(valid, key, -2147483647 - 1),
-                                           tl.where(valid2, key2, -2147483647 - 1)))
-    lo = tl.min(vmin, 0)
+    # Key range: the cut lies in [min - 1, max] (min - 1 keeps everything).
+    if PARTS > 0:  # from the per-part extremes the caller's producer kernel wrote: no pass
+        parts = tl.arange(0, PARTS)
+        ok = parts < tl.where(n_live > 0, n_parts, 0)  # (a scalar bool in a mask fails in the interpreter)
+        ext = Extremes + row * n_parts * 2 + parts * 2
+        lo = tl.min(tl.load(ext, mask=ok, other=2147483647), 0)
+        hi = tl.max(tl.load(ext + 1, mask=ok, other=-2147483647 - 1), 0)
+    else:  # this first read of the row comes from L2: two chunks per iteration keep twice the loads in flight
+        vmin = tl.full([BLOCK], 2147483647, dtype=tl.int32)
+        vmax = tl.full([BLOCK], -2147483647 - 1, dtype=tl.int32)
+        for c in range(0, n_live, 2 * BLOCK):
+            offs = c + lanes
+            valid = offs < n_live
+            valid2 = offs + BLOCK < n_live
+            key = _load_keys(x_row, offs, valid, True)
+            key2 = _load_keys(x_row, offs + BLOCK, valid2, True)
+            vmin = tl.minimum(vmin, tl.minimum(tl.where(valid, key, 2147483647), tl.where(valid2, key2, 2147483647)))
+            vmax = tl.maximum(vmax, tl.maximum(tl.where(valid, key, -2147483647 - 1),
+                                               tl.where(valid2, key2, -2147483647 - 1)))
+        lo = tl.min(vmin, 0)
+        hi = tl.max(vmax, 0)
     lo = tl.where(lo > -2147483647 - 1, lo - 1, lo)  # an empty row leaves lo > hi
-    hi = tl.max(vmax, 0)
 
     # Smallest probe p in [lo, hi] whose count above p is < n (mass above p <= target), with
     # c_hi / m_hi the count / mass above hi and c_lo1 the count of keys >= lo.
@@ -769,7 +776,8 @@ def _select_split_rows(rows, param, act, mask, count, *, R, N, mass, write_mask,
 def _select(x: torch.Tensor, param: torch.Tensor, *, mass: bool, write_mask: bool, write_count: bool,
             count_bias: int = 0, active: Optional[torch.Tensor] = None, block: Optional[int] = None,
             num_warps: Optional[int] = None, fused: Optional[bool] = None, split: Optional[int] = None,
-            probes: Optional[int] = None, trace: Optional[torch.Tensor] = None):
+            probes: Optional[int] = None, trace: Optional[torch.Tensor] = None,
+            extremes: Optional[torch.Tensor] = None):
     lead, N = x.shape[:-1], x.shape[-1]
     R = math.prod(lead)
     dev = x.device
@@ -799,11 +807,13 @@ def _select(x: torch.Tensor, param: torch.Tensor, *, mass: bool, write_mask: boo
     scratch = torch.empty(R, 2 * n_pad, dtype=torch.int32, device=dev)
     mask_arg = mask.view(torch.uint8) if mask is not None else scratch
     count_arg = count if count is not None else scratch
+    n_parts = 0 if extremes is None else extremes.shape[-2]
     _select_rows[(R,)](rows, param, act, scratch, mask_arg, count_arg,
-                       rows.stride(0), N, n_pad, int(count_bias),
+                       extremes.contiguous() if extremes is not None else scratch,
+                       rows.stride(0), N, n_pad, int(count_bias), n_parts,
                        MASS=mass, HAS_ACTIVE=active is not None, WRITE_MASK=write_mask, WRITE_COUNT=write_count,
                        BLOCK=block, FIN=FINISH_KEYS if num_warps >= 8 else FINISH_KEYS // 2,
-                       FUSED=fused, num_warps=num_warps)
+                       FUSED=fused, PARTS=triton.next_power_of_2(n_parts) if n_parts else 0, num_warps=num_warps)
     return mask, count
 
 
@@ -847,8 +857,20 @@ def _check_target(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number or a float tensor, got {value!r}")
 
 
+def _check_extremes(extremes, x) -> None:
+    if extremes is None:
+        return
+    lead = tuple(x.shape[:-1])
+    if (not isinstance(extremes, torch.Tensor) or extremes.dtype != torch.int32 or extremes.dim() != len(lead) + 2
+            or tuple(extremes.shape[:-2]) != lead or extremes.shape[-1] != 2 or extremes.shape[-2] < 1
+            or extremes.device != x.device):
+        raise ValueError(f"extremes must be an int32 tensor {lead + ('parts', 2)} on the rows' device, got "
+                         f"{_shape_name(extremes)}{' ' + str(extremes.dtype) if isinstance(extremes, torch.Tensor) else ''}")
+
+
 def cover_count_triton(x: torch.Tensor, gamma, *, block: Optional[int] = None, num_warps: Optional[int] = None,
-                       fused: Optional[bool] = None, split: Optional[int] = None) -> torch.Tensor:
+                       fused: Optional[bool] = None, split: Optional[int] = None,
+                       extremes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """int64 ``[...]``: per row, 1 + how many of the largest entries have a cumulative sum ``<= gamma``.
 
     The twin of flexprefill's ``_cover_count`` (``gamma`` compares in float32, as there). Entries
@@ -858,13 +880,19 @@ def cover_count_triton(x: torch.Tensor, gamma, *, block: Optional[int] = None, n
         x: float32 / float16 / bfloat16 ``[..., N]``.
         gamma: a float, or a float tensor broadcastable to ``x.shape[:-1]``.
         block, num_warps, fused, split: as in :func:`rank_mask_triton`.
+        extremes: optional int32 ``[..., parts, 2]``: per row, the (min, max) order-preserving
+            keys (``_key_of``: the float32 bits of a value >= 0) of each of ``parts`` pieces that
+            together cover the row, written by the kernel that produced ``x`` (FlexPrefill's
+            profiles): the search starts from them instead of a pass over the row. They must be
+            exact; ignored by the split path.
     No host sync.
     """
     _check_rows("x", x)
     _check_target("gamma", gamma)
+    _check_extremes(extremes, x)
     param = _per_row("gamma", gamma, x.shape[:-1], x.device, torch.float32)
     _, count = _select(x, param, mass=True, write_mask=False, write_count=True, count_bias=1, block=block,
-                       num_warps=num_warps, fused=fused, split=split)
+                       num_warps=num_warps, fused=fused, split=split, extremes=extremes)
     return count
 
 
