@@ -21,7 +21,7 @@ from sparseattn.bench.synthetic import structured_qkv
 from sparseattn.methods import flexprefill as fm
 from sparseattn.methods import get_method
 from sparseattn.methods.base import (cdiv, diagonal_sums, forced_blocks, last_queries_attention, pool_blocks,
-                                     query_block_positions, sum_pool_last, visible_blocks)
+                                     query_block_positions, rank_mask, sum_pool_last, visible_blocks)
 from sparseattn.plan import BlockPlan
 
 from ..conftest import requires_cuda, triton_importable
@@ -124,18 +124,53 @@ def test_pool_blocks_matches_torch(dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 200, 32, generator=g).to(dtype)  # 3 blocks of 64 and a tail of 8
     y = torch.randn(2, 130, 6, 32, generator=g).to(dtype).transpose(1, 2)  # strided; tail of 2
-    cols = torch.rand(2, 6, 1000, generator=g)  # rows longer than the grid has blocks: several per chunk
-    diags = torch.rand(2, 6, 1000, generator=g)
-    (px, py), stacked = fk().pool_blocks_triton((x.to(DEVICE), y.to(DEVICE)), 64,
-                                                stack=(cols.to(DEVICE), diags.to(DEVICE)))
+    px, py = fk().pool_blocks_triton((x.to(DEVICE), y.to(DEVICE)), 64)
     for got, src in ((px, x), (py, y)):
         want = pool_blocks(src, 64)
         assert got.dtype == torch.float32 and got.shape == want.shape
         torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)
-    assert torch.equal(stacked.cpu(), torch.stack((cols, diags)))
-    (single,), none = fk().pool_blocks_triton(x.to(DEVICE), 48)  # a block size that is no power of two
-    assert none is None
+    (single,) = fk().pool_blocks_triton(x.to(DEVICE), 48)  # a block size that is no power of two
     torch.testing.assert_close(single.cpu(), pool_blocks(x, 48), rtol=1e-6, atol=1e-6)
+    active = torch.tensor([[True, False, True], [False, False, True]])
+    (some,) = fk().pool_blocks_triton(x.to(DEVICE), 64, active=active.to(DEVICE))
+    torch.testing.assert_close(some.cpu()[active], pool_blocks(x, 64)[active], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="one or two"):
+        fk().pool_blocks_triton((x, x, x), 64)
+    with pytest.raises(ValueError, match="active"):
+        fk().pool_blocks_triton((x.to(DEVICE), y.to(DEVICE)), 64, active=active.to(DEVICE))
+    with pytest.raises(ValueError, match="active"):
+        fk().pool_blocks_triton(x.to(DEVICE), 64, active=active[:, :2].to(DEVICE))
+
+
+@pytest.mark.parametrize("Lk,bs,P,block_n", [(1000, 64, 64, 16), (900, 48, 37, None), (130, 128, 128, None)])
+def test_profile_blocks_match_torch(Lk, bs, P, block_n):
+    """Scaled and stacked profiles (bit for bit what ``x / P`` gives on CUDA: a multiply by
+    float32(1 / P)), their block sums (a tail block, a block size that is no power of two, several
+    chunks of blocks per row) and the per-row gamma."""
+    g = torch.Generator().manual_seed(Lk)
+    cols = torch.rand(2, 3, Lk, generator=g) * 5
+    diags = torch.rand(2, 3, Lk, generator=g) * 5
+    profiles, blocks, gammas, extremes = fk().profile_blocks_triton(cols.to(DEVICE), diags.to(DEVICE), P, bs, 0.9,
+                                                                    block_n=block_n)
+    inv = torch.ones((), dtype=torch.float32) / P
+    want = torch.stack((cols, diags)) * inv
+    assert torch.equal(profiles.cpu(), want)
+    if P & (P - 1) == 0:  # a power of two: the same as a true division
+        assert torch.equal(profiles.cpu(), torch.stack((cols, diags)) / P)
+    torch.testing.assert_close(blocks.cpu(), sum_pool_last(want, bs), rtol=1e-6, atol=1e-6)
+    assert blocks.shape == (2, 2, 3, cdiv(Lk, bs))
+    assert torch.equal(gammas.cpu(), torch.full((2, 2, 3), 0.9))
+    # each program's piece of a row: block_n blocks; its (min, max) float32 bits (values >= 0)
+    piece = (block_n or 16) * bs
+    keys = want.view(torch.int32)
+    n_parts = extremes.shape[-2]
+    assert n_parts == cdiv(Lk, piece)
+    for c in range(n_parts):
+        part = keys[..., c * piece:(c + 1) * piece]
+        assert torch.equal(extremes[..., c, 0].cpu(), part.amin(-1))
+        assert torch.equal(extremes[..., c, 1].cpu(), part.amax(-1))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        fk().profile_blocks_triton(cols.to(DEVICE), diags.double().to(DEVICE), P, bs, 0.9)
 
 
 HEAD_CASES = [
@@ -149,6 +184,8 @@ HEAD_CASES = [
 
 @pytest.mark.parametrize("case", range(len(HEAD_CASES)))
 def test_heads_match_torch(case):
+    """The pattern test (and its forced blocks), and the top-n blocks at the budgets, against the
+    PyTorch steps."""
     Hq, Hkv, Lq, Lk, bs, dtype, legacy, min_b, max_b, tau = HEAD_CASES[case]
     q, k, _ = structured_qkv(1, Hq, Hkv, Lk, 32, seed=case, dtype=dtype)
     q = q[:, :, Lk - Lq:]
@@ -166,14 +203,44 @@ def test_heads_match_torch(case):
     if case >= 2:
         assert 0 < int(want_qa.sum()) < want_qa.numel()
     k_pool = pool_blocks(k, bs).float()
-    blocks, n, qa, targets = fk().flexprefill_heads_triton(
-        profiles.to(DEVICE).contiguous(), tokens.to(DEVICE), q.to(DEVICE), k_pool.to(DEVICE), block_size=bs,
-        min_blocks=min_b, max_blocks=max_b, legacy_budget=legacy, tau=tau, target=12.5, block_n=16)
-    assert torch.equal(qa.cpu(), want_qa)
-    assert torch.equal(n.cpu(), want_n)
-    assert torch.equal(torch.isinf(blocks.cpu()), torch.isinf(want_blocks))
-    torch.testing.assert_close(blocks.cpu(), want_blocks, rtol=1e-5, atol=1e-7)
-    assert torch.equal(targets.cpu(), torch.full((1, Hq), 12.5))
+    for block_n in (16, None):  # several chunks of key blocks, then the default (one)
+        blocks = torch.stack([sum_pool_last(p, bs) for p in profiles]).to(DEVICE).contiguous()
+        qa, targets = fk().flexprefill_test_triton(blocks, q.to(DEVICE), k_pool.to(DEVICE), block_size=bs, tau=tau,
+                                                   target=12.5, block_n=block_n)
+        assert torch.equal(qa.cpu(), want_qa)
+        assert torch.equal(torch.isinf(blocks.cpu()), torch.isinf(want_blocks))  # forced after the test read them
+        torch.testing.assert_close(blocks.cpu(), want_blocks, rtol=1e-5, atol=1e-7)
+        assert torch.equal(targets.cpu(), torch.full((1, Hq), 12.5))
+    # the ranks of these blocks give the PyTorch top-n masks at the PyTorch budgets
+    ranks = fk().block_ranks_triton(want_blocks.to(DEVICE).contiguous()).cpu()
+    assert torch.equal(ranks < want_n.unsqueeze(-1), rank_mask(want_blocks, want_n))
+
+
+def stable_descending_ranks(x):
+    """Each entry's position in torch's stable descending sort of its row."""
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices
+    return torch.argsort(order, dim=-1).to(torch.int32)
+
+
+@pytest.mark.parametrize("N,block_c,block_j", [(256, None, None), (300, 16, 16), (37, 16, 32)])
+def test_block_ranks_equal_the_stable_sort(N, block_c, block_j):
+    """Ties (to the lower index), +-inf, NaN (above +inf, tied), -0.0 == +0.0, a row tail; every
+    budget n: ranks < n is rank_mask(x, n)."""
+    g = torch.Generator().manual_seed(N)
+    x = torch.randint(0, 12, (2, 3, N), generator=g).float() / 4  # many ties
+    x[0, 0, 5] = float("inf")
+    x[0, 1, :4] = float("nan")
+    x[0, 2, 7] = float("-inf")
+    x[1, 0, 3], x[1, 0, 9] = -0.0, 0.0
+    x[1, 1] = torch.rand(N, generator=g)  # distinct values
+    ranks = fk().block_ranks_triton(x.to(DEVICE), block_c=block_c, block_j=block_j).cpu()
+    assert ranks.dtype == torch.int32
+    assert torch.equal(ranks, stable_descending_ranks(x))
+    for n in (0, 1, N // 3, N - 1, N, N + 5):
+        want = rank_mask(x, torch.full((2, 3), n))
+        assert torch.equal(ranks < n, want), n
+    with pytest.raises(ValueError, match="float32"):
+        fk().block_ranks_triton(x.double().to(DEVICE))
 
 
 @pytest.mark.parametrize("Lq,Lk,bs", [(500, 500, 64), (300, 1000, 64), (700, 400, 128), (200, 1070, 48)])
@@ -193,22 +260,43 @@ def test_pooled_probs_match_torch(Lq, Lk, bs):
     torch.testing.assert_close(got[active], want[active], rtol=1e-5, atol=1e-7)  # the others are not written
 
 
-@pytest.mark.parametrize("Lq,Lk,bs", [(640, 640, 64), (300, 1000, 64), (200, 517, 64), (517, 300, 64),
-                                      (129, 1000, 128), (1000, 1000, 48)])
-def test_plan_rows_match_torch(Lq, Lk, bs):
-    """Random keeps and block maps; bottom-right offsets that straddle a block edge (two diagonal
-    blocks), Lq > Lk (rows that see nothing), a block of 48."""
+PLAN_ROW_CASES = [
+    # (Lq, Lk, bs, legacy, min_blocks, max_blocks or None = nK)
+    (640, 640, 64, False, 1, None),
+    (300, 1000, 64, True, 2, 9),  # legacy budgets, clamped from above
+    (200, 517, 64, False, 3, None),
+    (517, 300, 64, False, 1, 2),
+    (129, 1000, 128, True, 1, None),
+    (1000, 1000, 48, False, 2, 12),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PLAN_ROW_CASES)))
+def test_plan_rows_match_torch(case):
+    """Random block orders, token counts and block maps; the budgets (every rule); bottom-right
+    offsets that straddle a block edge (two diagonal blocks), Lq > Lk (rows that see nothing), a
+    block of 48."""
+    Lq, Lk, bs, legacy, min_b, max_b = PLAN_ROW_CASES[case]
     g = torch.Generator().manual_seed(Lq + Lk)
     B, Hq = 2, 3
     nQ, nK = cdiv(Lq, bs), cdiv(Lk, bs)
-    keep = torch.rand(2, B, Hq, nK, generator=g) < 0.2
+    max_b = nK if max_b is None else max_b
+    ranks = stable_descending_ranks(torch.rand(2, B, Hq, nK, generator=g))
+    tokens = torch.randint(1, 4 * Lk // 3, (2, B, Hq), generator=g)
     block_map = torch.rand(B, Hq, nQ * nK, generator=g) < 0.1
     query_aware = torch.tensor([[True, False, True], [False, False, True]])
-    want_c, want_i = plan_rows_ref(keep, block_map, query_aware, bs=bs, Lq=Lq, Lk=Lk)
+    n = ((tokens // 128 + 1) if legacy else (tokens + bs - 1) // bs).clamp(min_b, max_b)
+    n = torch.where(query_aware, min_b, n)
+    want_c, want_i = plan_rows_ref(ranks < n.unsqueeze(-1), block_map, query_aware, bs=bs, Lq=Lq, Lk=Lk)
     limits = BlockPlan.causal_block_limits(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk, device=DEVICE)
-    counts, indices = fk().flexprefill_plan_triton(keep.to(DEVICE), block_map.to(DEVICE), query_aware.to(DEVICE),
-                                                   limits, block_size=bs, q_len=Lq, k_len=Lk, block=16)
+    counts, indices = fk().flexprefill_plan_triton(
+        ranks.to(DEVICE), tokens.to(DEVICE), block_map.to(DEVICE), query_aware.to(DEVICE), limits, block_size=bs,
+        q_len=Lq, k_len=Lk, min_blocks=min_b, max_blocks=max_b, legacy_budget=legacy, block=16)
     assert torch.equal(counts.cpu(), want_c) and torch.equal(indices.cpu(), want_i)
+    with pytest.raises(ValueError, match="int32"):
+        fk().flexprefill_plan_triton(ranks.long().to(DEVICE), tokens.to(DEVICE), block_map.to(DEVICE),
+                                     query_aware.to(DEVICE), limits, block_size=bs, q_len=Lq, k_len=Lk,
+                                     min_blocks=min_b, max_blocks=max_b, legacy_budget=legacy)
 
 
 def test_visible_rows_and_target_rounding():
@@ -259,17 +347,16 @@ def test_plans_equal_the_pytorch_path(case, monkeypatch):
 
 # ----------------------------------------------------------------------------- launches
 def test_launches_cpu_twin(monkeypatch):
-    """The fused path's launches, counted: 10 Triton kernels and 2 PyTorch ops (the profiles'
-    scaling and the cover count's gamma fill). The CUDA twin counts real kernels at 32K."""
+    """The fused path's launches, counted: 12 Triton kernels and no PyTorch op. The CUDA twin
+    counts real kernels at 32K."""
     q, k, v = structured_qkv(1, 3, 1, 330, 32, seed=3, device=DEVICE)
     m = get_method("flexprefill", block_size=64, tau=0.3)
     monkeypatch.setattr(fm, "use_triton_estimator", lambda x: True)
     BlockPlan.causal_block_limits(block_q=64, block_k=64, q_len=330, k_len=330, device=q.device)  # cached
     plan, counter = count_launches(lambda: m._plan(q, k, v, causal=True, layer_idx=None), monkeypatch)
     plan.validate(causal=True)
-    assert len(counter.triton) == 10, counter.triton
-    ops = sorted(op.split(".")[1] for op in counter.torch_ops)
-    assert len(ops) == 2 and ops[0].startswith("div") and ops[1] in ("fill_", "full"), counter.torch_ops
+    assert len(counter.triton) == 12, counter.triton
+    assert counter.torch_ops == [], counter.torch_ops
 
 
 @requires_cuda

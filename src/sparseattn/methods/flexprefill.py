@@ -166,42 +166,48 @@ class FlexPrefill(PrefillMethod):
         return BlockPlan.from_block_mask(mask & visible, **geo, causal=True)
 
     def _plan_triton(self, q, k, *, nK, min_blocks, max_blocks):
-        """The CUDA path: the PyTorch code's plan in 12 launches, no host sync.
+        """The CUDA path: the PyTorch code's plan in 12 launches, no host sync, in two branches.
 
-        Launches: the profiles (3); the pooled q and k, and the profiles stacked, in one; their
-        scaling (1: the same op as ``columns / P``, so the same bits: on CUDA PyTorch multiplies
-        by the scalar's reciprocal); the cover counts (2: ``gamma``'s fill and the kernel); the
-        per-head pattern test and budgets (1); the top vertical / slash blocks (1); the block
-        map's softmax (1, query-aware heads only), its cumulative selection (1); the plan rows (1).
+        Launches: the profiles (3); their scaling, stacking and block sums (1); then, side by side,
+        the cover counts (1: one program per long row, few SMs busy) and, on a second stream, the
+        pooled k (1), the per-head pattern test (1), the ranks of the vertical / slash blocks (1),
+        and for query-aware heads only the pooled q (1), the block map's softmax (1) and its
+        cumulative selection (1); after the join the plan rows (1), which turn the token counts
+        into budgets and keep the blocks ranked below them.
         """
-        from ..kernels.flexprefill_triton import (flexprefill_heads_triton, flexprefill_plan_triton,
-                                                  pool_blocks_triton, pooled_probs_triton)
+        from ..kernels.dispatch import concurrent_branch
+        from ..kernels.flexprefill_triton import (block_ranks_triton, flexprefill_plan_triton, flexprefill_test_triton,
+                                                  pool_blocks_triton, pooled_probs_triton, profile_blocks_triton)
         from ..kernels.last_queries_triton import last_queries_profiles_triton
-        from ..kernels.row_select_triton import cover_count_triton, cumsum_mask_triton, rank_mask_triton
+        from ..kernels.row_select_triton import cover_count_triton, cumsum_mask_triton
 
         B, Hq, Lq, _ = q.shape
         Lk, bs = k.shape[2], self.block_size
         geo = dict(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk)
         nQ = cdiv(Lq, bs)
-        # 1. profiles without the [B, Hq, P, Lk] softmax; [2, B, Hq, Lk] = (vertical, slash)
+        # 1. profiles without the [B, Hq, P, Lk] softmax, then [2, B, Hq, Lk] = (vertical, slash) / P
         columns, diagonals = last_queries_profiles_triton(q, k, bs)
-        (q_pool, k_pool), profiles = pool_blocks_triton((q, k), bs, stack=(columns, diagonals))
-        profiles.div_(min(bs, Lq))
-        # 2-3. budgets (one program per row, no sort), pattern test, forced +inf blocks
-        tokens = cover_count_triton(profiles, self.gamma)  # [2, B, Hq]
+        profiles, blocks, gammas, extremes = profile_blocks_triton(columns, diagonals, min(bs, Lq), bs, self.gamma)
         # The PyTorch code's target gamma * rows is a float32 product (rows: the query blocks that
         # see a key block, a function of the shapes: no sync); rounded here the same way.
         target = _float32(_float32(self.gamma) * _visible_rows(Lq, Lk, bs))
-        blocks, n, query_aware, targets = flexprefill_heads_triton(
-            profiles, tokens, q, k_pool, block_size=bs, min_blocks=min_blocks, max_blocks=max_blocks,
-            legacy_budget=self.legacy_budget, tau=self.tau, target=target)
-        # 4. top vertical / slash blocks, both in one launch
-        keep = rank_mask_triton(blocks, n)  # [2, B, Hq, nK]
-        # 5. the block map of query-aware heads (the others skip both launches' work)
         limits = BlockPlan.causal_block_limits(**geo, causal=True, device=q.device)
-        probs = pooled_probs_triton(q_pool, k_pool, limits, active=query_aware)
-        block_map = cumsum_mask_triton(probs.view(B, Hq, nQ * nK), targets, active=query_aware)
-        # 4-5. the union, clipped to the visible blocks and compacted into the plan's rows
-        counts, indices = flexprefill_plan_triton(keep, block_map, query_aware, limits, block_size=bs,
-                                                  q_len=Lq, k_len=Lk)
+        with concurrent_branch(q.device) as side:
+            # 2. token counts: one program per row, no sort (the critical path)
+            tokens = cover_count_triton(profiles, gammas, extremes=extremes)  # [2, B, Hq]
+            with side:
+                # 3. pattern test (it forces the +inf blocks after reading them); 4. the blocks'
+                # ranks, for any budget; 5. the block map of query-aware heads (the others skip
+                # the work of these three launches)
+                (k_pool,) = pool_blocks_triton(k, bs)
+                query_aware, targets = flexprefill_test_triton(blocks, q, k_pool, block_size=bs, tau=self.tau,
+                                                               target=target)
+                ranks = block_ranks_triton(blocks)  # [2, B, Hq, nK]
+                (q_pool,) = pool_blocks_triton(q, bs, active=query_aware)
+                probs = pooled_probs_triton(q_pool, k_pool, limits, active=query_aware)
+                block_map = cumsum_mask_triton(probs.view(B, Hq, nQ * nK), targets, active=query_aware)
+        # 2-5. budgets, the union, clipped to the visible blocks and compacted into the plan's rows
+        counts, indices = flexprefill_plan_triton(ranks, tokens, block_map, query_aware, limits, block_size=bs,
+                                                  q_len=Lq, k_len=Lk, min_blocks=min_blocks, max_blocks=max_blocks,
+                                                  legacy_budget=self.legacy_budget)
         return BlockPlan(counts, indices, **geo)
