@@ -242,9 +242,11 @@ def last_queries_profiles_triton(q: torch.Tensor, k: torch.Tensor, n_last: int, 
             Hq, Hq // Hkv, Lq, Lk, P, row_stride, n_key_tiles, p0, qk_scale,
             HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=cfg.block_n,
             DOT_PRECISION=dot_precision, UPCAST_DOT=upcast, num_warps=cfg.num_warps)
-        _row_lse[(triton.cdiv(P, 32), np_)](
-            part_m, part_l, lse, P, n_key_tiles, BLOCK_R=32,
-            BLOCK_TILES=min(64, max(2, triton.next_power_of_2(n_key_tiles))), num_warps=4)
+        # 16 rows x 256 tiles per step (H100, 9 pairs of 256 tiles, graph-timed: 2.4 us, against
+        # 4.2 for 32 x 64; BENCHMARKS.md "Session 14"): fewer dependent steps per program.
+        _row_lse[(triton.cdiv(P, 16), np_)](
+            part_m, part_l, lse, P, n_key_tiles, BLOCK_R=16,
+            BLOCK_TILES=min(256, max(2, triton.next_power_of_2(n_key_tiles))), num_warps=4)
         _profiles[(triton.cdiv(Lk, block_t), np_)](
             scratch, lse, col, diag, *col.stride(), Hq, Lk, P, row_stride, p0,
             BLOCK_P=block_p, BLOCK_T=block_t, num_warps=cfg.profile_warps)
