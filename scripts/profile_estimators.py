@@ -6,7 +6,8 @@ q/k/v captured from a model.
         [--model PATH --haystack DIR --layers 3,15,24] [--sequence]
 
 ``--model``: capture the layers' q/k/v from that model (bf16) instead of the synthetic generator.
-``--sequence``: also list every kernel of one plan() call in launch order with its GPU time.
+``--sequence``: also list every kernel of one plan() call in launch order with its start (us after the
+first kernel's) and its GPU time.
 """
 
 import argparse
@@ -71,4 +72,8 @@ for case, (q, k, v) in inputs():
         if args.sequence:
             seq = sorted((e for e in prof.events() if e.device_time_total > 0 and e.device_type.name == "CUDA"),
                          key=lambda e: e.time_range.start)
-            print("   launch order (GPU us): " + ", ".join(f"{e.name[:28]} {e.device_time_total:.1f}" for e in seq))
+            t0 = seq[0].time_range.start if seq else 0
+            # start offset and GPU time of each kernel: overlapping kernels (a second stream) show
+            # as starts before the previous kernel's end
+            print("   launch order (start us / GPU us): " + ", ".join(
+                f"{e.name[:28]} @{e.time_range.start - t0:.0f}/{e.device_time_total:.1f}" for e in seq))
