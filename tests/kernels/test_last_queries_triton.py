@@ -16,7 +16,7 @@ import torch
 import sparseattn.methods.flexprefill as fmod
 import sparseattn.methods.vertical_slash as vmod
 from sparseattn.methods import get_method
-from sparseattn.methods.base import diagonal_sums, last_queries_attention
+from sparseattn.methods.base import diagonal_sums, last_queries_attention, pool_blocks
 
 from ..conftest import HAS_CUDA, requires_cuda, triton_importable
 
@@ -98,6 +98,26 @@ def test_scratch_chunks_and_determinism(monkeypatch):
     chunked = check(2, 3, 1, 60, 70, 32, 16, seed=4)
     for a, b in zip(whole, chunked):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("block_n,pool_block,Lk", [(32, 32, 150), (32, 32, 64), (32, 48, 150)])
+def test_pooled_keys(block_n, pool_block, Lk, monkeypatch):
+    """``pool_block``: the keys' block means, from the logits launch when its key tile is the block
+    (a partial last block averages its real rows; scratch chunks of pairs: each key head pooled
+    once), else from a pooling launch; the profiles are the same bits as without."""
+    g = torch.Generator().manual_seed(Lk)
+    q = torch.randn(2, 6, 80, 32, generator=g).to(DEVICE)
+    k = torch.randn(2, 2, Lk, 32, generator=g).to(DEVICE)
+    config = (16, block_n, 4, 8, 32)
+    col, diag = _kernel().last_queries_profiles_triton(q, k, 16, config=config)
+    monkeypatch.setattr(_kernel(), "SCRATCH_ELEMENTS", 2 * 16 * 160)  # pairs in chunks of 2
+    col2, diag2, k_pool = _kernel().last_queries_profiles_triton(q, k, 16, config=config, pool_block=pool_block)
+    assert torch.equal(col, col2) and torch.equal(diag, diag2)
+    want = pool_blocks(k.cpu(), pool_block)
+    assert k_pool.dtype == torch.float32 and k_pool.shape == want.shape
+    torch.testing.assert_close(k_pool.cpu(), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="pool_block"):
+        _kernel().last_queries_profiles_triton(q, k, 16, pool_block=0)
 
 
 def test_empty_and_bad_inputs():

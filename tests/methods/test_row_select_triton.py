@@ -16,7 +16,7 @@ from sparseattn.bench.synthetic import structured_qkv
 from sparseattn.methods import get_method
 from sparseattn.methods import flexprefill as flexprefill_module
 from sparseattn.methods import vertical_slash as vertical_slash_module
-from sparseattn.methods.base import compact_rows, diagonal_sums, last_queries_attention, rank_mask
+from sparseattn.methods.base import compact_rows, diagonal_sums, last_queries_attention, pool_blocks, rank_mask
 from sparseattn.methods.flexprefill import _cover_count
 
 from ..conftest import requires_cuda, triton_importable
@@ -389,11 +389,12 @@ def test_input_checks():
 
 
 # ----------------------------------------------------------------------------- plans
-def torch_profiles(q, k, n_last):
+def torch_profiles(q, k, n_last, pool_block=None):
     """The PyTorch twin of last_queries_profiles_triton (that kernel has its own tests; here it is
     too slow for the interpreter and would blur which part a difference comes from)."""
     a = last_queries_attention(q, k, n_last)
-    return a.sum(-2), diagonal_sums(a)
+    pooled = (pool_blocks(k, pool_block).float(),) if pool_block is not None else ()
+    return (a.sum(-2), diagonal_sums(a)) + pooled
 
 
 PLAN_CASES = [

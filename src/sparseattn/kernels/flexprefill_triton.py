@@ -3,7 +3,7 @@
 ``FlexPrefill._plan``'s PyTorch code (the CPU path and the oracle) turns the last queries'
 vertical / slash profiles into a plan with ~110 small PyTorch ops (sum pools, the pattern test's
 softmax and JSD, ``where``s, gathers building the mask, the block map's masked softmax); on the
-GPU they are launch-bound. Here the same steps take eight launches around the row selections of
+GPU they are launch-bound. Here the same steps take six launches around the row selections of
 ``row_select_triton`` (``cover_count_triton`` for the budgets' token counts, ``cumsum_mask_triton``
 for the query-aware block map):
 
@@ -11,8 +11,9 @@ for the query-aware block map):
   ``[2, B, Hq, Lk]`` tensor the cover counts read, their block sums, and for the cover counts the
   ``gamma`` per row (a fill launch less) and the key range of each piece of a row (the search then
   starts without its own pass over the row).
-* :func:`pool_blocks_triton`: mean-pooled blocks of k, then of q for the query-aware heads only
-  (the twin of ``methods.base.pool_blocks(x, block)``; one or two tensors per launch).
+* :func:`pool_blocks_triton`: mean-pooled blocks of q for the query-aware heads only (the twin of
+  ``methods.base.pool_blocks(x, block)``; one or two tensors per launch). The pooled keys come
+  from the last-queries logits launch (``last_queries_profiles_triton(..., pool_block=)``).
 * :func:`flexprefill_test_triton`: one program per (batch, query head): the pattern test
   ``sqrt(JSD)(softmax(mean(q_last) . k_pool^T / sqrt(D)), vertical blocks) < tau``, the block map's
   cumulative target, and then the forced ``+inf`` of vertical block 0 and slash block ``nK - 1``.
@@ -27,8 +28,8 @@ for the query-aware block map):
   diagonal blocks and the query-aware block map, clipped to the visible blocks and compacted into
   the plan's sorted index row (what ``BlockPlan.from_block_mask(..., causal=True)`` gives).
 
-Only the budgets need the token counts: ``FlexPrefill._plan_triton`` runs the pooling, the test,
-the ranks and the block map beside the cover counts (~40-50 us at 32K on one SM per row: 18 of 132
+Only the budgets need the token counts: ``FlexPrefill._plan_triton`` runs the test, the ranks and
+the block map beside the cover counts (~40-50 us at 32K on one SM per row: 18 of 132
 SMs busy), on a second stream (``dispatch.concurrent_branch``); after the join only the plan rows
 remain.
 

@@ -7,7 +7,8 @@ path and the oracle) without building ``A``, its float32 copies of q/k or the pa
 
 1. ``_logits``: one program per (key tile, row tile, pair): ``S = q_last . K_tile^T`` on the
    tensor cores (fp32 accumulation), scaled to log2 units, causal entries masked to -inf, written
-   to a float32 scratch ``[pairs, P, Lk_pad]``; plus the tile's row max and row sum of exp2.
+   to a float32 scratch ``[pairs, P, Lk_pad]``; plus the tile's row max and row sum of exp2 (and,
+   with ``pool_block``, the key tile's mean: FlexPrefill's pooled keys without a launch of their own).
 2. ``_row_lse``: one program per (row tile, pair) merges the tiles' partials into each row's
    log2-sum-exp (``+inf`` for a row that sees no key, so its probabilities come out as exactly 0).
 3. ``_profiles``: one program per (output tile of ``BLOCK_T`` keys, pair) walks the P rows in
@@ -50,11 +51,11 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _logits(Q, K, Scratch, PartM, PartL,
+def _logits(Q, K, Scratch, PartM, PartL, KPool,
             stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
             Hq, group, Lq, Lk, P, row_stride, n_key_tiles, pair0, qk_scale,
             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+            DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, POOL_K: tl.constexpr):
     kt = tl.program_id(0)
     rt = tl.program_id(1)
     pair_local = tl.program_id(2)
@@ -74,6 +75,13 @@ def _logits(Q, K, Scratch, PartM, PartL,
     cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ptrs = K + b * stride_kb + hk * stride_kh + cols.to(tl.int64)[:, None] * stride_kl + offs_d[None, :] * stride_kd
     k = tl.load(k_ptrs, mask=(cols < Lk)[:, None] & d_ok[None, :], other=0.0)
+    if POOL_K:  # the key tile is one pooled block: its mean, once per key head (first row tile, first query head)
+        if rt == 0:
+            if h % group == 0:
+                count = tl.minimum(Lk - kt * BLOCK_N, BLOCK_N).to(tl.float32)  # a partial last block: its real rows
+                mean = tl.sum(k.to(tl.float32), 0) / count
+                out = ((b * (Hq // group) + hk) * n_key_tiles + kt) * HEAD_DIM + offs_d
+                tl.store(KPool + out, mean, mask=d_ok)
     if UPCAST_DOT:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
@@ -196,7 +204,7 @@ def _check_inputs(q, k, n_last, config):
 
 
 def last_queries_profiles_triton(q: torch.Tensor, k: torch.Tensor, n_last: int, *,
-                                 config: Optional[tuple] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                                 config: Optional[tuple] = None, pool_block: Optional[int] = None) -> tuple:
     """``(column_sums, diagonal_sums)``, both float32 ``[B, Hq, Lk]``, of the last queries' attention.
 
     ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` (fp16 / bf16 / fp32, one dtype, any strides; Hq a
@@ -205,19 +213,34 @@ def last_queries_profiles_triton(q: torch.Tensor, k: torch.Tensor, n_last: int, 
     bottom-right, softmax per row over its visible keys, rows that see no key are 0), returns
     ``A.sum(-2)`` and ``diagonal_sums(A)`` (index ``t``: the diagonal reaching key ``t`` on the last
     row) up to float32 rounding (logits accumulate in fp32; 16-bit inputs are multiplied exactly).
-    ``config`` = a :class:`LastQConfig` (or its fields) overriding the default tiles. No host sync.
+    ``config`` = a :class:`LastQConfig` (or its fields) overriding the default tiles.
+    ``pool_block``: also return ``k`` mean-pooled over blocks of that many keys, float32 ``[B, Hkv,
+    ceil(Lk / pool_block), D]`` (``methods.base.pool_blocks``; FlexPrefill's pattern test), as a
+    third output: written by the logits launch when its key tile is that size (the default tiles
+    at 128), else by one pooling launch. No host sync.
     """
     _check_inputs(q, k, n_last, config)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     P = min(int(n_last), Lq)
+    cfg = LastQConfig(*config) if config is not None else default_config(q.dtype, q.shape[-1])
+    k_pool = None
+    if pool_block is not None:
+        if not isinstance(pool_block, numbers.Integral) or isinstance(pool_block, bool) or pool_block < 1:
+            raise ValueError(f"pool_block must be an int >= 1, got {pool_block!r}")
+        if pool_block != cfg.block_n or B * Hq * Lk == 0 or P == 0:
+            from .flexprefill_triton import pool_blocks_triton  # (that module imports this one's neighbours)
+
+            (k_pool,) = pool_blocks_triton(k, int(pool_block))
+            pool_block = None  # done
+        else:
+            k_pool = torch.empty(B, Hkv, triton.cdiv(Lk, pool_block), D, dtype=torch.float32, device=q.device)
     if B * Hq * Lk == 0 or P == 0:
         zeros = torch.zeros((B, Hq, Lk), dtype=torch.float32, device=q.device)
-        return zeros, zeros.clone()
+        return (zeros, zeros.clone()) + ((k_pool,) if k_pool is not None else ())
     col = torch.empty((B, Hq, Lk), dtype=torch.float32, device=q.device)  # every entry is written
     diag = torch.empty_like(col)
 
-    cfg = LastQConfig(*config) if config is not None else default_config(q.dtype, q.shape[-1])
     block_m = min(cfg.block_m, max(16, triton.next_power_of_2(P)))
     block_p = min(cfg.block_p, max(2, triton.next_power_of_2(P)))
     block_t = min(cfg.block_t, max(16, triton.next_power_of_2(Lk)))
@@ -238,10 +261,10 @@ def last_queries_profiles_triton(q: torch.Tensor, k: torch.Tensor, n_last: int, 
     for p0 in range(0, pairs, pairs_per):
         np_ = min(pairs_per, pairs - p0)
         _logits[(n_key_tiles, n_row_tiles, np_)](
-            q, k, scratch, part_m, part_l, *q.stride(), *k.stride(),
+            q, k, scratch, part_m, part_l, k_pool if pool_block is not None else part_m, *q.stride(), *k.stride(),
             Hq, Hq // Hkv, Lq, Lk, P, row_stride, n_key_tiles, p0, qk_scale,
             HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-            DOT_PRECISION=dot_precision, UPCAST_DOT=upcast, num_warps=cfg.num_warps)
+            DOT_PRECISION=dot_precision, UPCAST_DOT=upcast, POOL_K=pool_block is not None, num_warps=cfg.num_warps)
         # 16 rows x 256 tiles per step (H100, 9 pairs of 256 tiles, graph-timed: 2.4 us, against
         # 4.2 for 32 x 64; BENCHMARKS.md "Session 14"): fewer dependent steps per program.
         _row_lse[(triton.cdiv(P, 16), np_)](
@@ -250,4 +273,4 @@ def last_queries_profiles_triton(q: torch.Tensor, k: torch.Tensor, n_last: int, 
         _profiles[(triton.cdiv(Lk, block_t), np_)](
             scratch, lse, col, diag, *col.stride(), Hq, Lk, P, row_stride, p0,
             BLOCK_P=block_p, BLOCK_T=block_t, num_warps=cfg.profile_warps)
-    return col, diag
+    return (col, diag) + ((k_pool,) if k_pool is not None else ())

@@ -110,7 +110,7 @@ class FlexPrefill(PrefillMethod):
         if Lk <= max(2 * bs, min_blocks * bs):
             return BlockPlan.dense(1, 1, **geo, causal=True, device=dev)
 
-        # CUDA: the same steps in 12 launches (_plan_triton); below, the PyTorch code (CPU, the oracle).
+        # CUDA: the same steps in 11 launches (_plan_triton); below, the PyTorch code (CPU, the oracle).
         if use_triton_estimator(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
             return self._plan_triton(q, k, nK=nK, min_blocks=min_blocks, max_blocks=max_blocks)
         # 1. last-block attention and its vertical / slash profiles
@@ -166,14 +166,15 @@ class FlexPrefill(PrefillMethod):
         return BlockPlan.from_block_mask(mask & visible, **geo, causal=True)
 
     def _plan_triton(self, q, k, *, nK, min_blocks, max_blocks):
-        """The CUDA path: the PyTorch code's plan in 12 launches, no host sync, in two branches.
+        """The CUDA path: the PyTorch code's plan in 11 launches, no host sync, in two branches.
 
-        Launches: the profiles (3); their scaling, stacking and block sums (1); then, side by side,
-        the cover counts (1: one program per long row, few SMs busy) and, on a second stream, the
-        pooled k (1), the per-head pattern test (1), the ranks of the vertical / slash blocks (1),
-        and for query-aware heads only the pooled q (1), the block map's softmax (1) and its
-        cumulative selection (1); after the join the plan rows (1), which turn the token counts
-        into budgets and keep the blocks ranked below them.
+        Launches: the profiles (3; the logits launch also pools k, or one more launch where its key
+        tile is not the block size); their scaling, stacking and block sums (1); then, side by
+        side, the cover counts (1: one program per long row, few SMs busy) and, on a second stream,
+        the per-head pattern test (1), the ranks of the vertical / slash blocks (1), and for
+        query-aware heads only the pooled q (1), the block map's softmax (1) and its cumulative
+        selection (1); after the join the plan rows (1), which turn the token counts into budgets
+        and keep the blocks ranked below them.
         """
         from ..kernels.dispatch import concurrent_branch
         from ..kernels.flexprefill_triton import (block_ranks_triton, flexprefill_plan_triton, flexprefill_test_triton,
@@ -186,7 +187,7 @@ class FlexPrefill(PrefillMethod):
         geo = dict(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk)
         nQ = cdiv(Lq, bs)
         # 1. profiles without the [B, Hq, P, Lk] softmax, then [2, B, Hq, Lk] = (vertical, slash) / P
-        columns, diagonals = last_queries_profiles_triton(q, k, bs)
+        columns, diagonals, k_pool = last_queries_profiles_triton(q, k, bs, pool_block=bs)  # k_pool: [B, Hkv, nK, D]
         profiles, blocks, gammas, extremes = profile_blocks_triton(columns, diagonals, min(bs, Lq), bs, self.gamma)
         # The PyTorch code's target gamma * rows is a float32 product (rows: the query blocks that
         # see a key block, a function of the shapes: no sync); rounded here the same way.
@@ -198,8 +199,7 @@ class FlexPrefill(PrefillMethod):
             with side:
                 # 3. pattern test (it forces the +inf blocks after reading them); 4. the blocks'
                 # ranks, for any budget; 5. the block map of query-aware heads (the others skip
-                # the work of these three launches)
-                (k_pool,) = pool_blocks_triton(k, bs)
+                # the work of its three launches)
                 query_aware, targets = flexprefill_test_triton(blocks, q, k_pool, block_size=bs, tau=self.tau,
                                                                target=target)
                 ranks = block_ranks_triton(blocks)  # [2, B, Hq, nK]
