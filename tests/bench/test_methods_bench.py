@@ -200,8 +200,8 @@ def test_run_case_rows_with_a_fake_timer():
     o = by["oracle@90%"]
     assert o["kind"] == "oracle" and o["estimation_ms"] is None and o["total_ms"] is None
     assert o["mass_recall"] >= 0.85 and o["scaling"] == pytest.approx(1.0 / o["density"])
-    # baselines 1 + per working method 3 (estimate, kernel, total) + oracle kernel 1
-    assert len(calls) == 1 + 3 * 2 + 1
+    assert len(calls) == 1 + 3 * 2 + 1 + 1  # dense, 3 timings x 2 methods, the oracle's kernel, dense again
+    assert all(r["ours_dense_runs_ms"] == [2.0, 2.0] for r in rows)
 
     table = bm.text_table(rows)
     for name in ("streaming", "block_topk", "oracle@90%", "t/(d*dense)"):
@@ -209,6 +209,26 @@ def test_run_case_rows_with_a_fake_timer():
     assert "error: RuntimeError: boom" in table
     md = bm.markdown_table(rows)
     assert md.startswith("| case | method |") and md.count("\n") == len(rows) + 1
+
+
+def test_dense_timed_again_after_the_methods():
+    """The ratios use the mean of the dense times before and after the methods; rows already
+    handed out are updated in place."""
+    q, k, v = structured_qkv(1, 4, 2, 320, 32, seed=0)
+    times = iter([3.0] + [1.0] * 3 + [5.0])  # dense, block_topk's estimate / kernel / total, dense again
+
+    def timer(fn):
+        fn()
+        return next(times)
+
+    seen = []
+    rows = bm.run_case(q, k, v, {"block_topk": get_method("block_topk", block_size=32, topk=3)}, timer,
+                       recall_windows_n=2, on_row=seen.append)
+    assert seen == rows and next(times, None) is None
+    by = {r["method"]: r for r in rows}
+    assert by["ours_dense"]["kernel_ms"] == 4.0 and by["ours_dense"]["ours_dense_runs_ms"] == [3.0, 5.0]
+    r = by["block_topk"]
+    assert r["ours_dense_ms"] == 4.0 and r["scaling"] == pytest.approx(1.0 / (r["density"] * 4.0))
 
 
 def test_summarize_aggregates_layers():
