@@ -285,7 +285,7 @@ def _select_rows(X, Param, Active, Scratch, Mask, Count, Extremes,
     n_live, target, n_keep = _row_params(Param, Active, row, N, MASS, HAS_ACTIVE)
 
     # Key range: the cut lies in [min - 1, max] (min - 1 keeps everything).
-    if PARTS > 0:  # from the per-part extremes the caller's producer kernel wrote: no pass
+    if PARTS > 0:  # from the per-part extremes the producer kernel wrote: the row is not read here
         parts = tl.arange(0, PARTS)
         ok = parts < tl.where(n_live > 0, n_parts, 0)  # (a scalar bool in a mask fails in the interpreter)
         ext = Extremes + row * n_parts * 2 + parts * 2
