@@ -159,27 +159,46 @@ def test_plans_equal_the_pytorch_path(case, monkeypatch):
     assert_triton_plan_equals_torch(vmod, get_method("vertical_slash", **opts), q, k, v, monkeypatch)
 
 
-@pytest.mark.parametrize("policy,n_torch_ops", [("per_q_head", 11), ("group_union", 14)])
+@pytest.mark.parametrize("policy,n_torch_ops", [("per_q_head", 5), ("group_union", 8)])
 def test_launches_cpu_twin(monkeypatch, policy, n_torch_ops):
     """The Triton path's launches, counted (the profiles' kernel as one launch, run by its PyTorch
-    twin): the profiles, the two selections (``_select_rows``), the column packing with the
-    prefix counts (``_compact_rows``) and the plan (``_vertical_slash_rows``), plus the few PyTorch
-    ops that prepare the selections (budget clamps, the +inf scores, group_union's unions). Before
-    the fused kernel: the plan cost ~60 more PyTorch ops (gathers, the block mask, from_block_mask,
-    block_mask(), the candidates) and a second ``_compact_rows``."""
+    twin): the profiles, the scores with their forced +inf (``_forced_scores``), the two selections
+    (``_select_rows``), the column packing with the prefix counts (``_compact_rows``) and the plan
+    (``_vertical_slash_rows``), plus the budgets' five PyTorch ops on CPU tensors (on CUDA host
+    work, uploaded once per value: no launch) and group_union's three unions. Before the fused
+    kernel: the plan cost ~60 more PyTorch ops (gathers, the block mask, from_block_mask,
+    block_mask(), the candidates) and a second ``_compact_rows``; before ``_forced_scores`` six more
+    small ops (the +inf scores, the budgets on the device)."""
     from sparseattn.kernels import last_queries_triton
 
     monkeypatch.setattr(last_queries_triton, "last_queries_profiles_triton", torch_profiles)
     monkeypatch.setattr(vmod, "use_triton_estimator", lambda x: True)
     q, k, v = structured_qkv(1, 3, 1, 330, 32, seed=3, device=DEVICE)
     m = get_method("vertical_slash", block_size=64, vertical_size=40, slash_size=100, gqa_policy=policy)
+    m._plan(q, k, v, causal=True, layer_idx=None)  # on CUDA the budgets are uploaded once, here
     plan, counter = count_launches(lambda: m._plan(q, k, v, causal=True, layer_idx=None), monkeypatch,
                                    single=((last_queries_triton, "last_queries_profiles_triton"),))
     plan.validate(causal=True)
-    assert counter.triton == ["last_queries_profiles_triton", "_select_rows", "_compact_rows",
+    assert counter.triton == ["last_queries_profiles_triton", "_forced_scores", "_select_rows", "_compact_rows",
                               "_vertical_slash_rows"], counter.triton
     assert len(counter.torch_ops) == n_torch_ops, counter.torch_ops
     assert not [op for op in counter.torch_ops if any(w in op for w in ("gather", "scatter", "cumsum"))]
+
+
+@pytest.mark.parametrize("Lk,sink,local", [(300, 4, 64), (50, 0, 1), (40, 64, 64)])
+def test_forced_scores_match_torch_where(Lk, sink, local):
+    """The stacked scores bit for bit as the two torch.where give them; sinks / local diagonals
+    covering none, some or all of the row."""
+    from sparseattn.kernels.vertical_slash_triton import forced_scores_triton
+
+    g = torch.Generator().manual_seed(Lk)
+    cols, slash = torch.rand(2, 3, Lk, generator=g), torch.rand(2, 3, Lk, generator=g)
+    got = forced_scores_triton(cols.to(DEVICE), slash.to(DEVICE), sink_tokens=sink, local_diagonals=local).cpu()
+    j, inf = torch.arange(Lk), torch.tensor(float("inf"))
+    want = torch.stack((torch.where(j < sink, inf, cols), torch.where(j >= Lk - local, inf, slash)))
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="contiguous"):
+        forced_scores_triton(cols.to(DEVICE), slash[..., :-1].to(DEVICE), sink_tokens=sink, local_diagonals=local)
 
 
 # ----------------------------------------------------------------------------- GPU twin
@@ -204,7 +223,7 @@ def test_cuda_plan_at_32k(monkeypatch, policy):
         m._plan(q, k, v, causal=True, layer_idx=None)
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
-    assert len(kernels) <= 24, kernels  # 6 Triton kernels and ~11-14 small PyTorch ops
+    assert len(kernels) <= 14, kernels  # 7 Triton kernels, group_union's ~3 small PyTorch ops, the copy
     assert plan.extra_counts is not None and int(plan.extra_counts.max()) > 0
 
     columns, slash = last_queries_profiles_triton(q, k, m.last_q)  # deterministic: the plan's profiles

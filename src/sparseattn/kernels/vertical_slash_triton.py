@@ -124,6 +124,44 @@ def _vertical_slash_rows(Prefix, Cols, NCols, Counts, Indices, ExtraCounts, Extr
         tl.store(ExtraCounts + row, found_e)
 
 
+@triton.jit
+def _forced_scores(Col, Slash, Out, rows, Lk, sink, local_start, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    r = tl.program_id(1).to(tl.int64)  # the rows of Col, then those of Slash
+    j = c * BLOCK + tl.arange(0, BLOCK)
+    ok = j < Lk
+    if r < rows:
+        x = tl.load(Col + r * Lk + j, mask=ok, other=0.0)
+        x = tl.where(j < sink, float("inf"), x)
+    else:
+        x = tl.load(Slash + (r - rows) * Lk + j, mask=ok, other=0.0)
+        x = tl.where(j >= local_start, float("inf"), x)
+    tl.store(Out + r * Lk + j, x, mask=ok)
+
+
+def forced_scores_triton(columns: torch.Tensor, slash: torch.Tensor, *, sink_tokens: int,
+                         local_diagonals: int) -> torch.Tensor:
+    """Vertical-slash's selection scores in one launch: ``[2, B, H, Lk]`` = (``columns`` with the
+    first ``sink_tokens`` keys set to ``+inf``, ``slash`` with the last ``local_diagonals`` set to
+    ``+inf``), what two ``torch.where`` into a stacked buffer give, bit for bit.
+
+    Args:
+        columns, slash: contiguous ``[B, H, Lk]`` of one float dtype (the last-queries profiles).
+    No host sync.
+    """
+    if (columns.shape != slash.shape or columns.dim() != 3 or columns.dtype != slash.dtype
+            or not columns.is_contiguous() or not slash.is_contiguous()):
+        raise ValueError("columns and slash must be contiguous [B, H, Lk] tensors of one shape and dtype")
+    B, H, Lk = columns.shape
+    out = torch.empty((2, B, H, Lk), dtype=columns.dtype, device=columns.device)
+    if B * H * Lk == 0:
+        return out
+    block = min(4096, _pow2(Lk))
+    _forced_scores[(triton.cdiv(Lk, block), 2 * B * H)](columns, slash, out, B * H, Lk, int(sink_tokens),
+                                                        Lk - int(local_diagonals), BLOCK=block, num_warps=4)
+    return out
+
+
 def vertical_slash_plan_triton(prefix: torch.Tensor, cols: torch.Tensor, n_cols: torch.Tensor, *, block_size: int,
                                q_len: int, k_len: int, width: Optional[int] = None, block: Optional[int] = None,
                                block_e: Optional[int] = None

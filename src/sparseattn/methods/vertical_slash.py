@@ -8,8 +8,9 @@ from typing import ClassVar
 import torch
 
 from ..plan import BlockPlan
-from .base import (PerHead, PrefillMethod, cdiv, check_choice, check_int, check_per_head, diagonal_sums, head_values,
-                   last_queries_attention, query_block_positions, rank_mask, use_triton_estimator)
+from .base import (PerHead, PrefillMethod, _device_constant, cdiv, check_choice, check_int, check_per_head,
+                   diagonal_sums, head_values, last_queries_attention, query_block_positions, rank_mask,
+                   use_triton_estimator)
 from .base import compact_rows as _compact
 from .registry import register
 
@@ -78,13 +79,17 @@ class VerticalSlash(PrefillMethod):
         Hkv, Lk = k.shape[1], k.shape[2]
         G, bs, dev = Hq // Hkv, self.block_size, q.device
         geo = dict(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk)
-        common = dict(heads=Hq, q_heads=Hq, kv_heads=Hkv, layer_idx=layer_idx, device=dev, dtype=torch.int64)
+        rows_triton = use_triton_estimator(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        # The budgets are a function of the config and the shapes: on the Triton path they are
+        # resolved on the host and uploaded once (no launches in the estimate).
+        common = dict(heads=Hq, q_heads=Hq, kv_heads=Hkv, layer_idx=layer_idx, device="cpu" if rows_triton else dev,
+                      dtype=torch.int64)
         n_v = head_values(self.vertical_size, name="vertical_size", **common)
         n_s = head_values(self.slash_size, name="slash_size", **common)
         n_v = n_v.clamp(min=min(self.sink_tokens, Lk)).view(1, Hq)
         n_s = n_s.clamp(min=min(self.local_diagonals, Lk)).view(1, Hq)
 
-        if use_triton_estimator(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        if rows_triton:
             from ..kernels.last_queries_triton import last_queries_profiles_triton
 
             # Both profiles in three launches, without the [B, Hq, P, Lk] softmax.
@@ -92,19 +97,22 @@ class VerticalSlash(PrefillMethod):
         else:
             a = last_queries_attention(q, k, self.last_q)  # [B, Hq, P, Lk]
             columns, slash = a.sum(-2), diagonal_sums(a)  # slash index t: diagonal at distance Lk - 1 - t
-        inf = torch.full((), float("inf"), dtype=columns.dtype, device=dev)
-        j = torch.arange(Lk, device=dev)
-        rows_triton = use_triton_estimator(q) and columns.dtype in (torch.float16, torch.bfloat16, torch.float32)
         if rows_triton:
             from ..kernels.row_select_triton import compact_rows_triton, rank_mask_triton
+            from ..kernels.vertical_slash_triton import forced_scores_triton
 
-            # Both selections in one launch (one program per row, no sort over Lk).
-            scores = torch.empty(2, B, Hq, Lk, dtype=columns.dtype, device=dev)
-            torch.where(j < self.sink_tokens, inf, columns, out=scores[0])
-            torch.where(j >= Lk - self.local_diagonals, inf, slash, out=scores[1])
-            keep_both = rank_mask_triton(scores, torch.stack((n_v, n_s)))  # [2, B, Hq, Lk]
+            budgets = torch.stack((n_v, n_s))  # [2, 1, Hq]
+            if dev.type == "cuda":
+                budgets = _device_constant(tuple(budgets.flatten().tolist()), torch.int64, str(dev)).view(2, 1, Hq)
+            # The scores with the forced sink columns / local diagonals (one launch), then both
+            # selections in one launch (one program per row, no sort over Lk).
+            scores = forced_scores_triton(columns, slash, sink_tokens=self.sink_tokens,
+                                          local_diagonals=self.local_diagonals)
+            keep_both = rank_mask_triton(scores, budgets)  # [2, B, Hq, Lk]
             keep_cols, keep_diag = keep_both.unbind(0)
         else:
+            inf = torch.full((), float("inf"), dtype=columns.dtype, device=dev)
+            j = torch.arange(Lk, device=dev)
             vertical = torch.where(j < self.sink_tokens, inf, columns)  # [B, Hq, Lk]
             slash = torch.where(j >= Lk - self.local_diagonals, inf, slash)
             keep_cols = rank_mask(vertical, n_v)  # [B, Hq, Lk]
