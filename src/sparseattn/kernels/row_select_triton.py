@@ -58,6 +58,7 @@ FlexPrefill's budgets built from these counts are then rounded up to blocks.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from typing import Optional, Tuple
@@ -67,6 +68,8 @@ import triton
 import triton.language as tl
 
 from .dispatch import triton_interpreting
+
+logger = logging.getLogger("sparseattn")
 
 #: Score dtypes the selection kernels read (each converts to float32 exactly, so the order is kept).
 SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -703,13 +706,20 @@ def _resident_per_sm(args, consts: dict, num_warps: int, device: torch.device) -
     key = (device.index, num_warps, tuple(sorted(consts.items())))
     if key not in _RESIDENT:
         props = torch.cuda.get_device_properties(device)
-        regs, shared = 255, 0  # worst case, if the compiled kernel cannot tell
-        try:
-            kernel = _select_split.warmup(*args, grid=(1,), num_warps=num_warps, **consts)
-            kernel._init_handles()
-            regs, shared = int(kernel.n_regs), int(kernel.metadata.shared)
-        except Exception:  # an older / newer Triton without these attributes
-            pass
+        # A compile error propagates (the launch would fail too); a Triton whose compiled kernel
+        # does not report its registers / shared memory gets the worst case (255 registers), i.e.
+        # fewer programs per row, and one log line.
+        kernel = _select_split.warmup(*args, grid=(1,), num_warps=num_warps, **consts)
+        init = getattr(kernel, "_init_handles", None)
+        if init is not None:
+            init()
+        n_regs, n_shared = getattr(kernel, "n_regs", None), getattr(getattr(kernel, "metadata", None), "shared", None)
+        if n_regs is None or n_shared is None:
+            logger.info("sparseattn: the split row selection's kernel does not report its registers / shared "
+                        "memory; sizing its grid for the worst case")
+            regs, shared = 255, 0
+        else:
+            regs, shared = int(n_regs), int(n_shared)
         warp_regs = -(-regs * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
         smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
         by_threads = props.max_threads_per_multi_processor // (32 * num_warps)
