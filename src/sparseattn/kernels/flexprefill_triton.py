@@ -12,8 +12,8 @@ for the query-aware block map):
   ``gamma`` per row (a fill launch less) and the key range of each piece of a row (the search then
   starts without its own pass over the row).
 * :func:`pool_blocks_triton`: mean-pooled blocks of q for the query-aware heads only (the twin of
-  ``methods.base.pool_blocks(x, block)``; one or two tensors per launch). The pooled keys come
-  from the last-queries logits launch (``last_queries_profiles_triton(..., pool_block=)``).
+  ``methods.base.pool_blocks(x, block)``). The pooled keys come from the last-queries logits
+  launch (``last_queries_profiles_triton(..., pool_block=)``).
 * :func:`flexprefill_test_triton`: one program per (batch, query head): the pattern test
   ``sqrt(JSD)(softmax(mean(q_last) . k_pool^T / sqrt(D)), vertical blocks) < tau``, the block map's
   cumulative target, and then the forced ``+inf`` of vertical block 0 and slash block ``nK - 1``.
@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 import numbers
 import struct
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -91,21 +91,16 @@ def _pool_one(X, Out, bh, n, H, L, n_blocks, stride_xb, stride_xh, stride_xl, st
 
 
 @triton.jit
-def _pool_blocks(X1, Out1, X2, Out2, Active,
-                 rows1, H1, L1, nb1, s1b, s1h, s1l, s1d,
-                 H2, L2, nb2, s2b, s2h, s2l, s2d,
+def _pool_blocks(X, Out, Active, H, L, n_blocks, sxb, sxh, sxl, sxd,
                  BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
                  HAS_ACTIVE: tl.constexpr):
     n = tl.program_id(0)  # block
-    r = tl.program_id(1)  # (batch, head) of X1, then of X2
-    if r < rows1:
-        run = True
-        if HAS_ACTIVE:
-            run = tl.load(Active + r) != 0  # rows of other heads are never read: skip them
-        if run:
-            _pool_one(X1, Out1, r, n, H1, L1, nb1, s1b, s1h, s1l, s1d, BLOCK_SIZE, HEAD_DIM, D_PAD, ROWS)
-    else:
-        _pool_one(X2, Out2, r - rows1, n, H2, L2, nb2, s2b, s2h, s2l, s2d, BLOCK_SIZE, HEAD_DIM, D_PAD, ROWS)
+    r = tl.program_id(1)  # (batch, head)
+    run = True
+    if HAS_ACTIVE:
+        run = tl.load(Active + r) != 0  # rows of other heads are never read: skip them
+    if run:
+        _pool_one(X, Out, r, n, H, L, n_blocks, sxb, sxh, sxl, sxd, BLOCK_SIZE, HEAD_DIM, D_PAD, ROWS)
 
 
 def _check_block(block) -> int:
@@ -114,8 +109,8 @@ def _check_block(block) -> int:
     return int(block)
 
 
-def pool_blocks_triton(xs: Sequence[torch.Tensor], block: int, *, active: Optional[torch.Tensor] = None) -> list:
-    """Mean-pool one or two tensors over blocks of ``block`` rows in one launch.
+def pool_blocks_triton(x: torch.Tensor, block: int, *, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean-pool ``x`` over blocks of ``block`` rows in one launch.
 
     The twin of ``methods.base.pool_blocks(x, block)`` (mode ``"mean"``): ``x [B, H, L, D]``
     (fp16 / bf16 / fp32, any strides) -> float32 ``[B, H, ceil(L / block), D]``; a partial last
@@ -123,48 +118,30 @@ def pool_blocks_triton(xs: Sequence[torch.Tensor], block: int, *, active: Option
     rounding).
 
     Args:
-        xs: one tensor or a sequence of two with the same ``D`` and device (e.g. ``(q, k)``).
-        block: rows per block.
-        active: optional bool ``[B, H]``, with one tensor only: the heads whose blocks are pooled;
-            the others' rows are left unwritten (FlexPrefill pools q only for query-aware heads).
-    Returns:
-        a list with one pooled tensor per input. No host sync.
+        x: the tensor to pool; block: rows per block.
+        active: optional bool ``[B, H]``: the heads whose blocks are pooled; the others' rows are
+            left unwritten (FlexPrefill pools q only for query-aware heads).
+    No host sync.
     """
-    if isinstance(xs, torch.Tensor):
-        xs = (xs,)
-    xs = tuple(xs)
-    if len(xs) not in (1, 2):
-        raise ValueError(f"pool_blocks_triton pools one or two tensors, got {len(xs)}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in DTYPES:
+        raise ValueError(f"x must be a float16 / bfloat16 / float32 tensor [B, H, L, D], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+                         f"{' ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}")
     block = _check_block(block)
-    for i, x in enumerate(xs):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in DTYPES:
-            raise ValueError(f"xs[{i}] must be a float16 / bfloat16 / float32 tensor [B, H, L, D], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
-                             f"{' ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}")
-    D, dev = xs[0].shape[-1], xs[0].device
-    if any(x.shape[-1] != D or x.device != dev for x in xs):
-        raise ValueError("the tensors must share the head dim D and the device")
-    outs = [torch.empty(x.shape[0], x.shape[1], triton.cdiv(x.shape[2], block), D, dtype=torch.float32, device=dev)
-            for x in xs]
-    a, b = xs[0], xs[-1]
-    oa, ob = outs[0], outs[-1]
-    if active is not None and (len(xs) != 1 or not isinstance(active, torch.Tensor) or active.dtype != torch.bool
-                               or tuple(active.shape) != tuple(a.shape[:2]) or active.device != dev):
-        raise ValueError(f"active must be a bool tensor [B, H] = {tuple(a.shape[:2])} on the input's device, "
-                         "with one tensor to pool")
-    rows = sum(x.shape[0] * x.shape[1] for x in xs)
-    n_grid = max(o.shape[2] for o in outs)
-    if rows * n_grid == 0:
-        return outs
+    B, H, L, D = x.shape
+    if active is not None and (not isinstance(active, torch.Tensor) or active.dtype != torch.bool
+                               or tuple(active.shape) != (B, H) or active.device != x.device):
+        raise ValueError(f"active must be a bool tensor [B, H] = {(B, H)} on the input's device")
+    out = torch.empty(B, H, triton.cdiv(L, block), D, dtype=torch.float32, device=x.device)
+    if out.numel() == 0:
+        return out
     d_pad = _pow2(D, 16)
-    act = active.contiguous().view(torch.uint8) if active is not None else oa
-    _pool_blocks[(n_grid, rows)](
-        a, oa, b, ob, act,
-        a.shape[0] * a.shape[1], a.shape[1], a.shape[2], oa.shape[2], *a.stride(),
-        b.shape[1], b.shape[2], ob.shape[2], *b.stride(),
+    act = active.contiguous().view(torch.uint8) if active is not None else out
+    _pool_blocks[(out.shape[2], B * H)](
+        x, out, act, H, L, out.shape[2], *x.stride(),
         BLOCK_SIZE=block, HEAD_DIM=D, D_PAD=d_pad, ROWS=min(_pow2(block, 16), max(16, 4096 // d_pad)),
         HAS_ACTIVE=active is not None, num_warps=4)
-    return outs
+    return out
 
 
 # ----------------------------------------------------------------------------- profiles, scaled and block-summed

@@ -231,7 +231,7 @@ def last_queries_profiles_triton(q: torch.Tensor, k: torch.Tensor, n_last: int, 
         if pool_block != cfg.block_n or B * Hq * Lk == 0 or P == 0:
             from .flexprefill_triton import pool_blocks_triton  # (that module imports this one's neighbours)
 
-            (k_pool,) = pool_blocks_triton(k, int(pool_block))
+            k_pool = pool_blocks_triton(k, int(pool_block))
             pool_block = None  # done
         else:
             k_pool = torch.empty(B, Hkv, triton.cdiv(Lk, pool_block), D, dtype=torch.float32, device=q.device)

@@ -203,7 +203,7 @@ class FlexPrefill(PrefillMethod):
                 query_aware, targets = flexprefill_test_triton(blocks, q, k_pool, block_size=bs, tau=self.tau,
                                                                target=target)
                 ranks = block_ranks_triton(blocks)  # [2, B, Hq, nK]
-                (q_pool,) = pool_blocks_triton(q, bs, active=query_aware)
+                q_pool = pool_blocks_triton(q, bs, active=query_aware)
                 probs = pooled_probs_triton(q_pool, k_pool, limits, active=query_aware)
                 block_map = cumsum_mask_triton(probs.view(B, Hq, nQ * nK), targets, active=query_aware)
         # 2-5. budgets, the union, clipped to the visible blocks and compacted into the plan's rows
