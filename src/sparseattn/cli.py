@@ -1,4 +1,4 @@
-"""Command line: ``sparseattn demo | eval | bench kernel | fidelity | methods | decode``.
+"""Command line: ``sparseattn demo | eval | calibrate | bench kernel | fidelity | methods | decode``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
 modules are imported lazily so ``sparseattn --help`` stays fast and needs no optional deps.
@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "demo": ("sparseattn.demo", "run dense and sparse attention on the real model and report fidelity"),
     "eval": ("sparseattn.eval_cli", "task accuracy (NIAH, passkey, RULER-style, perplexity) of sparse prefill methods"),
+    "calibrate": ("sparseattn.calibrate_cli", "a method's offline calibration on a real model (sale: per-head thresholds)"),
 }
 BENCH_COMMANDS = {
     "kernel": ("sparseattn.bench.kernel", "prefill kernel speed vs SDPA (cuDNN, FlashAttention) and FlexAttention"),

@@ -36,7 +36,7 @@ def _context(tok, sample):
 
 def test_registry_and_bad_arguments():
     assert list_tasks() == ["passkey", "niah", "niah_multikey", "niah_multivalue", "variable_tracking",
-                            "common_words", "frequent_words", "perplexity"]
+                            "kv_retrieval", "common_words", "frequent_words", "perplexity"]
     with pytest.raises(ValueError, match=r"unknown task 'ruler'.*passkey.*perplexity"):
         get_task("ruler")
     assert string_match_all("The keys are 123 and 456.", ["123", "456", "789"]) == pytest.approx(2 / 3)
@@ -49,7 +49,7 @@ def test_registry_and_bad_arguments():
 
 @needs_tokenizer
 @pytest.mark.parametrize("task", ["passkey", "niah", "niah_multikey", "niah_multivalue", "variable_tracking",
-                                  "common_words", "frequent_words", "perplexity"])
+                                  "kv_retrieval", "common_words", "frequent_words", "perplexity"])
 def test_length_budget_and_determinism(tok, task):
     t = get_task(task)
     a = t.make(tok, 1024, depth=0.5, index=0, seed=0)
@@ -183,3 +183,22 @@ def test_samples_do_not_depend_on_what_was_built_before(tok):
     c = get_task("passkey").make(tok, 512, depth=0.5, index=1, seed=0, haystack=essays)
     essays.window(len(essays.ids) + 10, __import__("random").Random(0))  # forces a repetition of the text
     assert get_task("passkey").make(tok, 512, depth=0.5, index=1, seed=0, haystack=essays).input_ids == c.input_ids
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_kv_retrieval_object_and_key_position(tok, depth):
+    import json
+
+    s = get_task("kv_retrieval").make(tok, 2048, depth=depth, index=1, seed=0)
+    ctx = _context(tok, s)
+    obj_text = ctx[ctx.index("{"):ctx.rindex("}") + 1]
+    obj = json.loads(obj_text)
+    keys = list(obj)
+    assert len(keys) == s.meta["pairs"] > 20 and len(set(obj.values())) == len(keys)
+    assert obj[s.meta["key"]] == s.answers[0]
+    assert keys.index(s.meta["key"]) == s.meta["key_index"] == round(depth * (len(keys) - 1))
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", s.answers[0])
+    assert ctx.rstrip().endswith(f'Key: "{s.meta["key"]}"')
+    assert get_task("kv_retrieval").score(f" {s.answers[0]}", s) == 1.0
+    assert get_task("kv_retrieval").score(keys[0] if keys[0] != s.meta["key"] else keys[1], s) == 0.0

@@ -16,6 +16,9 @@ Registry (:data:`TASKS`, :func:`get_task`, :func:`list_tasks`):
   than the others; name those 10.
 * ``frequent_words`` - RULER ``fwe``: coded words drawn from a Zipf distribution (alpha 2);
   name the three most frequent ones (ignoring the dots).
+* ``kv_retrieval`` - InfiniteBench ``kv_retrieval`` / LongEval lines (Zhang et al. 2024): a JSON
+  object of random UUID keys and values; give the value of the key at a depth of the object (no
+  haystack text). SALE calibrates its per-head thresholds on this kind of prompt.
 * ``perplexity`` - perplexity of the model on ``length`` tokens of the haystack text, measured
   on the second half of the window (the tokens that have a long context); nothing is generated.
 
@@ -38,11 +41,13 @@ single reference for ``passkey`` and ``niah``.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import random
 import re
 import threading
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -512,6 +517,43 @@ def _fit(build, length: int, lo: int, hi: int):
         else:
             hi = mid - 1
     return best
+
+
+@register_task
+@dataclass
+class KVRetrieval(Task):
+    """InfiniteBench ``kv_retrieval``: a JSON object of random UUID key/value pairs, the queried key at
+    ``depth`` of the object; the answer is its value (a UUID). As many pairs as fit in ``length``.
+
+    Prompt wording after InfiniteBench / SALE's calibration script ("Extract the value corresponding
+    to the specified key in the JSON object below."). The haystack is not used.
+    """
+
+    name: ClassVar[str] = "kv_retrieval"
+    description: ClassVar[str] = "JSON object of UUID key/value pairs; give the value of one key (at the depth)"
+    uses_depth: ClassVar[bool] = True
+    max_new_tokens: ClassVar[int] = 40  # a UUID is ~25 tokens
+
+    def _build(self, tokenizer, hay, length, depth, rng):
+        def new_uuid():
+            return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+        key, value = new_uuid(), new_uuid()
+        before, after = prompt_parts(
+            tokenizer, "Extract the value corresponding to the specified key in the JSON object below.",
+            f'Key: "{key}"', "The value associated with the specified key is:", self.prompt_format)
+        per_pair = len(_tok(tokenizer, json.dumps({key: value})[1:-1])) + 1
+        budget = length - len(before) - len(after)
+        others = [(new_uuid(), new_uuid()) for _ in range(max(0, budget // per_pair + 8))]
+
+        def build(n_others: int):
+            pairs = others[:n_others]
+            at = round(depth * n_others)
+            pairs = pairs[:at] + [(key, value)] + pairs[at:]
+            return before + _tok(tokenizer, json.dumps(dict(pairs))) + after, at, n_others
+
+        ids, at, n_others = _fit(build, length, 0, len(others))
+        return ids, [value], {"key": key, "pairs": n_others + 1, "key_index": at}
 
 
 @register_task

@@ -27,7 +27,8 @@ from .duo import Duo  # noqa: E402
 from .flexprefill import FlexPrefill  # noqa: E402
 from .vertical_slash import VerticalSlash  # noqa: E402
 from .proxy import ProxyAttn  # noqa: E402
-from .sale import SALE  # noqa: E402
+from .sale import (SALE, calibrate_sale_thresholds, calibrate_sale_thresholds_from_qkv,  # noqa: E402
+                   load_sale_thresholds, save_sale_thresholds)
 from .hip import HiP  # noqa: E402
 from .anchor import AnchorAttention  # noqa: E402
 from .pbs import PBS  # noqa: E402
@@ -37,4 +38,5 @@ __all__ = [
     "sparse_attention", "pool_blocks", "select_threshold", "select_topk",
     "Dense", "Streaming", "TriShape", "BlockTopK", "XAttention", "Power", "MoA", "Duo", "FlexPrefill", "VerticalSlash",
     "ProxyAttn", "SALE", "HiP", "AnchorAttention", "PBS",
+    "calibrate_sale_thresholds", "calibrate_sale_thresholds_from_qkv", "load_sale_thresholds", "save_sale_thresholds",
 ]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +52,8 @@ class SALE(PrefillMethod):
     Granularity: the official tiles are 64 queries x 32 keys; a plan block of ``block_size`` keys
     is kept when either of its 32-key halves would be (so the plan computes a superset of the
     official tiles with the default ``block_size=64``). ``threshold`` may be per query head (the
-    official calibrated ``dynamic_<x>.pt`` tables) or a per-(layer, head) table; a head whose
+    official calibrated ``dynamic_<x>.pt`` tables) or a per-(layer, head) table (a path to a JSON file
+    from :func:`calibrate_sale_thresholds` / :func:`save_sale_thresholds` loads one); a head whose
     threshold is below ``1e-5`` keeps every visible block (official rule, spec section 6). GQA policy: ``"per_q_head"`` (the official kernel reads per-query-head
     thresholds and records per-query-head tiles; plan ``H = Hq``) or ``"group_union"``
     (``H = Hkv``). Inputs with ``Lq <= dense_len`` get the dense plan, as the official wrapper
@@ -88,6 +92,8 @@ class SALE(PrefillMethod):
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.threshold, (str, os.PathLike)):
+            self.threshold = load_sale_thresholds(self.threshold)  # a calibrated table saved as JSON
         self.threshold = check_per_head("threshold", self.threshold, lambda n, x: check_float(n, x, minimum=0.0))
         if self.bits not in (4, 8) or isinstance(self.bits, bool):
             raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
@@ -201,3 +207,179 @@ class SALE(PrefillMethod):
         if self.gqa_policy == "group_union":
             keep = keep.reshape(B, Hkv, Hq // Hkv, *keep.shape[2:]).any(2)
         return BlockPlan.from_block_mask(keep, **geo, causal=causal)
+
+
+# ----------------------------------------------------------------------------- per-head calibration
+SALE_THRESHOLDS_FORMAT = "sale_thresholds"
+
+
+def _layer_errors(q, k, v, tau: torch.Tensor, ref: torch.Tensor, options: dict) -> torch.Tensor:
+    """Per query head: mean over rows of the row's L1 output error (sum over D) against ``ref``."""
+    from ..api import block_sparse_attention
+
+    plan = SALE(threshold=tuple(float(t) for t in tau), **options).plan(q, k, v, causal=True)
+    out = block_sparse_attention(q, k, v, plan, causal=True)
+    rows = q.shape[0] * q.shape[2]
+    return (out.float() - ref.float()).abs().sum(dim=(0, 2, 3)).double().cpu() / rows
+
+
+def calibrate_sale_thresholds_from_qkv(captures, *, error: float = 0.4, start: float = 0.008, floor: float = 1e-4,
+                                       initial: Optional[torch.Tensor] = None, progress: bool = False,
+                                       **options) -> torch.Tensor:
+    """SALE's per-head threshold calibration on captured ``q, k, v`` (``kv_retrieve_calib.py``, mode
+    ``calib_error``, without the model run).
+
+    Every (layer, query head) starts at ``start``; on each sample and layer, a head whose output
+    error is not below ``error`` has its threshold halved (and set to 0, i.e. dense, once it is
+    ``<= floor``) until it passes; thresholds carry over from one sample to the next, so they only
+    go down. The error of a head is the mean over query rows of ``sum_d |out - ref|``, ``out`` our
+    kernel on SALE's plan and ``ref`` our kernel dense on the same inputs (the official: the
+    absolute error summed over the head's output below ``error * q_len``, with FlashAttention as the
+    reference, one sequence per sample). All heads of a layer are tested in one plan (per-query-head
+    plans are independent per head, so this gives the official result).
+
+    Defaults (source: BirdChristopher/SALE ``kv_retrieve_calib.py`` / ``int4_flash_attn/patch/
+    llama31_sparse_patch_4_51.py``, ``LlamaAttentionPatch_kv_retrieve_calibration``): thresholds start
+    at ``0.008``, halve while the error is not below ``error``, become 0 at ``<= 1e-4``;
+    ``run_kv_calib.sh <model> 0.4`` (README: ``error=0.4`` gives the ``dynamic_0.4.pt`` table of
+    its evaluations).
+
+    Args:
+        captures: ``{layer: (q, k, v, ...)}`` (:func:`~sparseattn.integrations.capture.capture_qkv`)
+            for one sample, or an iterable of them; layers ``0 .. L-1``.
+        error: the per-row L1 error a head must stay below.
+        start, floor: first threshold; thresholds at or below ``floor`` become 0 (dense).
+        initial: a ``[L, Hq]`` table to continue from (e.g. an earlier run's result) instead of ``start``.
+        progress: a progress bar over (sample, layer) steps.
+        **options: other :class:`SALE` fields (``block_size``, ``bits``, ``local_window``, ...);
+            ``gqa_policy`` must stay ``"per_q_head"``.
+
+    Returns:
+        float64 ``[L, Hq]`` thresholds, usable as ``SALE(threshold=table)`` (plans then need ``layer_idx``).
+    """
+    from ..api import block_sparse_attention
+
+    check_float("error", error, minimum=0.0, open_min=True)
+    check_float("start", start, minimum=0.0, open_min=True)
+    check_float("floor", floor, minimum=0.0)
+    if options.get("gqa_policy", "per_q_head") != "per_q_head":
+        raise ValueError("the calibration tests each query head on its own plan: gqa_policy must be 'per_q_head'")
+    if "threshold" in options:
+        raise ValueError("threshold is what the calibration finds; give start= (or initial=) instead")
+    SALE(**options)  # validate the options once, before any work
+    if isinstance(captures, Mapping):
+        captures = [captures]
+    table: Dict[int, torch.Tensor] = {}
+    if initial is not None:
+        init = torch.as_tensor(initial, dtype=torch.float64).cpu()
+        if init.dim() != 2 or not bool(torch.isfinite(init).all()) or bool((init < 0).any()):
+            raise ValueError(f"initial must be a [layers, heads] table of finite thresholds >= 0, got "
+                             f"shape {tuple(init.shape)}")
+        table = {i: init[i].clone() for i in range(init.shape[0])}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="SALE calibration", unit="layer", dynamic_ncols=True)
+    n = 0
+    for sample in captures:
+        if not isinstance(sample, Mapping) or not sample:
+            raise ValueError("captures must be a {layer: (q, k, v, ...)} dict or an iterable of them")
+        n += 1
+        for layer in sorted(sample):
+            q, k, v = sample[layer][:3]
+            Hq = q.shape[1]
+            tau = table.get(int(layer))
+            if tau is None:
+                tau = torch.full((Hq,), float(start), dtype=torch.float64)
+            elif tau.numel() != Hq:
+                raise ValueError(f"layer {layer} has {Hq} query heads but its thresholds have {tau.numel()}")
+            ref = block_sparse_attention(q, k, v, None, causal=True)
+            while True:
+                err = _layer_errors(q, k, v, tau, ref, options)
+                failing = (err >= error) & (tau > 0)
+                if not bool(failing.any()):
+                    break
+                tau = torch.where(failing, tau / 2, tau)
+                tau = torch.where(failing & (tau <= floor), torch.zeros_like(tau), tau)
+            table[int(layer)] = tau
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(sample=n, layer=int(layer), dense_heads=int((tau == 0).sum()))
+    if bar is not None:
+        bar.close()
+    if not n:
+        raise ValueError("no calibration sample given")
+    layers = sorted(table)
+    if layers != list(range(len(layers))):
+        raise ValueError(f"captured layers must be 0 .. L-1, got {layers}")
+    return torch.stack([table[i] for i in layers])
+
+
+def calibrate_sale_thresholds(model, tokenizer, *, samples: Optional[Iterable[Union[str, Sequence[int]]]] = None,
+                              length: int = 8192, num_samples: int = 4, seed: int = 0, error: float = 0.4,
+                              start: float = 0.008, floor: float = 1e-4, path: Union[str, os.PathLike, None] = None,
+                              progress: bool = True, **options) -> torch.Tensor:
+    """SALE's per-head calibration on a Hugging Face causal LM (``bash run_kv_calib.sh <model> 0.4``).
+
+    Each sample runs through the model once (dense attention, as in the official calibration,
+    where the model goes on with the dense output) and :func:`calibrate_sale_thresholds_from_qkv`
+    tests every layer's captured ``q, k, v``. ``samples``: texts or token-id lists; default
+    ``num_samples`` prompts of the ``kv_retrieval`` task (:mod:`sparseattn.eval.tasks`) of
+    ``length`` tokens, the key at evenly spread depths (official: ``calib_samples/
+    kv_retrieval_calibration_llama.jsonl``, the same kind of prompt). ``path`` also saves the table as
+    JSON (:func:`save_sale_thresholds`); ``SALE(threshold=path)`` loads it.
+
+    Returns the float64 ``[layers, Hq]`` table.
+    """
+    from ..integrations.capture import capture_qkv
+
+    check_int("length", length, minimum=1)
+    check_int("num_samples", num_samples, minimum=1)
+    if samples is None:
+        from ..eval.tasks import get_task
+
+        task = get_task("kv_retrieval")
+        depths = [i / max(1, num_samples - 1) for i in range(num_samples)]
+        samples = [task.make(tokenizer, length, depth=d, index=i, seed=seed).input_ids for i, d in enumerate(depths)]
+    device = next(model.parameters()).device
+
+    def captures():  # one forward at a time: only one sample's q/k/v is alive
+        for sample in samples:
+            ids = tokenizer(sample, add_special_tokens=True)["input_ids"] if isinstance(sample, str) else list(sample)
+            if not ids:
+                raise ValueError("a calibration sample has no token")
+            yield capture_qkv(model, torch.tensor([ids], dtype=torch.long, device=device))
+
+    table = calibrate_sale_thresholds_from_qkv(captures(), error=error, start=start, floor=floor, progress=progress,
+                                               **options)
+    if path is not None:
+        save_sale_thresholds(table, path, meta={"error": error, "start": start, "floor": floor, "options": options,
+                                                "model": getattr(getattr(model, "config", None), "_name_or_path", None)})
+    return table
+
+
+def save_sale_thresholds(table, path: Union[str, os.PathLike], *, meta: Optional[Dict[str, Any]] = None) -> None:
+    """Write a ``[layers, heads]`` threshold table as JSON (``{"format", "thresholds", "meta"}``)."""
+    t = torch.as_tensor(table, dtype=torch.float64).cpu()
+    if t.dim() != 2 or t.numel() == 0:
+        raise ValueError(f"table must be a non-empty [layers, heads] tensor, got shape {tuple(t.shape)}")
+    data = {"format": SALE_THRESHOLDS_FORMAT, "version": 1, "thresholds": t.tolist(), "meta": meta or {}}
+    Path(path).write_text(json.dumps(data, indent=1, default=str))
+
+
+def load_sale_thresholds(path: Union[str, os.PathLike]) -> tuple:
+    """The per-(layer, head) table of a file written by :func:`save_sale_thresholds` (tuples of floats)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"SALE threshold file {str(p)!r} does not exist (calibrate_sale_thresholds(..., path=) writes one)")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(p)!r} is not a JSON file: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != SALE_THRESHOLDS_FORMAT:
+        raise ValueError(f"{str(p)!r} is not a SALE threshold file (expected \"format\": \"{SALE_THRESHOLDS_FORMAT}\")")
+    rows = data.get("thresholds")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
+        raise ValueError(f"{str(p)!r} has no [layers, heads] \"thresholds\" table")
+    return tuple(tuple(float(x) for x in row) for row in rows)
