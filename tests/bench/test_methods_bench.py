@@ -316,3 +316,36 @@ def test_a_slow_estimator_reports_total_as_the_sum():
     r = rows[-1]
     assert r["total_ms"] == 6.0 and r["total_is_sum"] and r["timing"]["estimation"]["mode"] == "single"
     assert "6.000*" in bm.text_table(rows)
+
+
+def test_paired_rounds_time_dense_and_total_back_to_back():
+    """--paired-rounds: per round our dense kernel then the method's total; the paired ratio is
+    the median over rounds of sum(total) / sum(density x dense), over a method's layers."""
+    q, k, v = structured_qkv(1, 4, 2, 320, 32, seed=0)
+    # dense, estimate / kernel / total, 3 rounds of (dense, total), dense again
+    times = iter([4.0, 1.0, 1.0, 1.0, 2.0, 1.0, 4.0, 1.0, 8.0, 1.0, 4.0])
+    names = []
+
+    def timer(fn):
+        fn()
+        return next(times)
+
+    method = get_method("block_topk", block_size=32, topk=3)
+    rows = bm.run_case(q, k, v, {"block_topk": method}, timer, recall_windows_n=2, paired_rounds=3,
+                       case={"group": "g", "case": "layer 1"}, on_row=lambda r: names.append(r["method"]))
+    assert next(times, None) is None and names == ["sdpa_cudnn_dense", "ours_dense", "block_topk"]
+    r = {x["method"]: x for x in rows}["block_topk"]
+    assert r["paired_dense_ms"] == [2.0, 4.0, 8.0] and r["paired_total_ms"] == [1.0, 1.0, 1.0]
+    d = r["density"]
+    assert r["paired_scaling"] == pytest.approx(1 / (4 * d))
+    assert (r["paired_scaling_min"], r["paired_scaling_max"]) == pytest.approx((1 / (8 * d), 1 / (2 * d)))
+    # over layers: sums per round first, then the median over rounds
+    other = {**r, "case": "layer 2", "paired_dense_ms": [1.0, 1.0, 1.0], "paired_total_ms": [3.0, 1.0, 2.0]}
+    (agg,) = [a for a in bm.summarize([r, other]) if a["method"] == "block_topk"]
+    per_round = sorted([(1 + 3) / (d * (2 + 1)), (1 + 1) / (d * (4 + 1)), (1 + 2) / (d * (8 + 1))])
+    assert agg["paired_scaling"] == pytest.approx(per_round[1])
+    assert (agg["paired_scaling_min"], agg["paired_scaling_max"]) == pytest.approx((per_round[0], per_round[2]))
+    assert f"{per_round[1]:.3f} ({per_round[0]:.3f}-{per_round[2]:.3f})" in bm.text_table([r, other])
+    # a layer without rounds (or with another number of them): no paired figure for the method
+    assert "paired_scaling" not in bm.summarize([r, {**other, "paired_total_ms": [1.0]}])[0]
+    assert bm.paired_scaling([{**r, "paired_total_ms": None}]) is None

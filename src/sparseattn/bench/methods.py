@@ -35,7 +35,9 @@ call takes longer than ``--slow-ms`` is timed over one more call with CUDA event
 estimation is that slow, ``total`` is reported as estimation + kernel, ``total_is_sum`` in the
 JSON, instead of timing a third slow function). Our dense kernel is timed before and after the
 methods of a case; ``t/(d*dense)`` uses the mean of both (``ours_dense_runs_ms`` in the JSON: one
-measurement varies by +-2-3 % between runs on the H100). A method that fails or runs out of memory gives
+measurement varies by +-2-3 % between runs on the H100). ``--paired-rounds N`` adds, per method,
+N rounds of our dense kernel and the method's total timed back to back, and the ``paired`` column:
+the median (min-max) over rounds of their ratio, summed over layers first. A method that fails or runs out of memory gives
 an error row. Results go to ``--out`` (JSON, rewritten after every row); the table is printed at
 the end (``--table-from`` reprints it from JSON files as Markdown, no GPU needed).
 """
@@ -51,7 +53,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Mapping, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -98,6 +100,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench time budget per measurement (default: 100)")
     p.add_argument("--slow-ms", type=float, default=2000.0,
                    help="a call slower than this (ms) is timed over 2 more calls instead of do_bench (default: 2000)")
+    p.add_argument("--paired-rounds", type=int, default=0, metavar="N",
+                   help="after each method's timings, N rounds of (our dense, the method's total) timed back to back; "
+                        "the table's 'paired' column is the median over rounds of sum(total) / sum(density x dense) "
+                        "(clock drift between the two cancels; default: 0, off)")
     p.add_argument("--per-layer", action="store_true",
                    help="also print one table row per captured layer (the JSON always has them)")
     p.add_argument("--out", default=DEFAULT_OUT,
@@ -178,12 +184,15 @@ class Config:
     recall_windows: int = 32
     out: str = DEFAULT_OUT
     per_layer: bool = False
+    paired_rounds: int = 0
 
 
 def config_from_args(args) -> Config:
     """Validate every argument (clear ``SystemExit`` naming the valid choices) before any work."""
     if args.recall_windows < 0:
         raise SystemExit(f"--recall-windows must be >= 0, got {args.recall_windows}")
+    if args.paired_rounds < 0:
+        raise SystemExit(f"--paired-rounds must be >= 0, got {args.paired_rounds}")
     for flag, value in (("--warmup-ms", args.warmup_ms), ("--rep-ms", args.rep_ms), ("--slow-ms", args.slow_ms)):
         if value <= 0:
             raise SystemExit(f"{flag} must be positive, got {value}")
@@ -193,7 +202,7 @@ def config_from_args(args) -> Config:
                   synthetic_length=parse_length(args.synthetic_length, "--synthetic-length"),
                   synthetic_shape=parse_shape(args.synthetic_shape), seed=args.seed,
                   oracle_mass=parse_mass(args.oracle_mass), recall_windows=args.recall_windows, out=args.out,
-                  per_layer=args.per_layer)
+                  per_layer=args.per_layer, paired_rounds=args.paired_rounds)
 
 
 # ----------------------------------------------------------------------------- measurement helpers
@@ -340,9 +349,26 @@ def _cleanup(device) -> None:
         torch.cuda.empty_cache()
 
 
+def paired_scaling(rows: Sequence[dict]) -> Optional[Tuple[float, float, float]]:
+    """(median, min, max) over rounds of ``sum(paired total) / sum(density x paired dense)`` of
+    ``rows`` (one method's rows, e.g. its layers); None unless every row has rounds, all as many."""
+    lists = [(r.get("paired_total_ms"), r.get("paired_dense_ms"), r.get("density")) for r in rows]
+    if not lists or any(not t or not dn or not d for t, dn, d in lists):
+        return None
+    n = len(lists[0][0])
+    if any(len(t) != n or len(dn) != n for t, dn, _ in lists):
+        return None
+    ratios = sorted(sum(t[i] for t, _, _ in lists) / sum(d * dn[i] for _, dn, d in lists) for i in range(n))
+    mid = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    return mid, ratios[0], ratios[-1]
+
+
 def _finish(row: dict) -> dict:
     """Derived columns: scaling and speedup (None where an input is missing)."""
     d, dense, cudnn = row.get("density"), row.get("ours_dense_ms"), row.get("sdpa_cudnn_ms")
+    paired = paired_scaling([row])
+    if paired is not None:
+        row["paired_scaling"], row["paired_scaling_min"], row["paired_scaling_max"] = paired
     t = row.get("total_ms") if row.get("total_ms") is not None else row.get("kernel_ms")
     row["scaling"] = t / (d * dense) if (t is not None and d and dense) else None
     row["kernel_scaling"] = (row["kernel_ms"] / (d * dense)
@@ -354,7 +380,7 @@ def _finish(row: dict) -> dict:
 # ----------------------------------------------------------------------------- the core loop
 def run_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, methods: Mapping[str, object], timer: Timer, *,
              case: Optional[dict] = None, layer_idx: Optional[int] = None, oracle_mass: Optional[float] = None,
-             recall_windows_n: int = 32, cudnn: Optional[bool] = None,
+             recall_windows_n: int = 32, cudnn: Optional[bool] = None, paired_rounds: int = 0,
              on_row: Optional[Callable[[dict], None]] = None) -> List[dict]:
     """Time every method on one ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]``; one row per method.
 
@@ -367,6 +393,9 @@ def run_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, methods: Mapping
         oracle_mass: add the block-oracle row at this mass (None: no oracle row).
         recall_windows_n: query windows for the recall (0: every row).
         cudnn: time SDPA cuDNN dense (default: when q is on CUDA).
+        paired_rounds: after a method's timings, this many rounds of our dense kernel and the
+            method's total timed back to back (``paired_dense_ms``, ``paired_total_ms``: the GPU's
+            clock drift between the two cancels in their ratio; not for slow estimators).
         on_row: called with each finished row (the CLI writes the JSON there).
 
     Returns:
@@ -461,6 +490,13 @@ def run_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, methods: Mapping
             row["density"] = plan_density(plan, True)
             row.update(plan_heads=plan.heads, plan_block=plan.block_q, plan_band=plan.has_band,
                        plan_extra=plan.has_extra)
+            if paired_rounds and method is not None and not row.get("total_is_sum") and t_dense is not None:
+                paired_dense, paired_total = [], []
+                for _ in range(paired_rounds):
+                    paired_dense.append(timer(dense))
+                    paired_total.append(timer(lambda method=method: block_sparse_attention(
+                        q, k, v, method.plan(q, k, v, causal=True, layer_idx=layer_idx, transient=True))))
+                row.update(paired_dense_ms=paired_dense, paired_total_ms=paired_total)
         except Exception as exc:  # one broken method must not sink the benchmark
             row["error"] = _error_text(exc)
         if plan is not None and row["error"] is None:
@@ -534,6 +570,9 @@ def summarize(rows: Sequence[dict], per_layer: bool = False) -> List[dict]:
         agg["speedup_vs_cudnn"] = (sum(cud) / sum(num)) if ok and None not in cud and None not in num and all(num) \
             else None
         agg["total_is_sum"] = any(r.get("total_is_sum") for r in ok)
+        paired = paired_scaling(ok)
+        if paired is not None:
+            agg["paired_scaling"], agg["paired_scaling_min"], agg["paired_scaling_max"] = paired
         out.append(agg)
         if per_layer and len(rs) > 1:
             for r in rs:
@@ -541,7 +580,8 @@ def summarize(rows: Sequence[dict], per_layer: bool = False) -> List[dict]:
     return out
 
 
-COLUMNS = ("case", "method", "est ms", "kernel ms", "total ms", "density", "recall", "t/(d*dense)", "vs cuDNN")
+COLUMNS = ("case", "method", "est ms", "kernel ms", "total ms", "density", "recall", "t/(d*dense)", "paired",
+           "vs cuDNN")
 
 
 def _cells(r: dict) -> List[str]:
@@ -552,8 +592,12 @@ def _cells(r: dict) -> List[str]:
     if r.get("scaling") is not None and r.get("kind") == "method":
         scaling += " ok" if r["scaling"] <= SCALING_TARGET else " >1.3"
     total = _fmt(r.get("total_ms")) + ("*" if r.get("total_is_sum") else "")
+    paired = "-"
+    if r.get("paired_scaling") is not None:
+        paired = (f"{r['paired_scaling']:.3f} ({r['paired_scaling_min']:.3f}-{r['paired_scaling_max']:.3f})"
+                  + (" ok" if r["paired_scaling"] <= SCALING_TARGET else " >1.3"))
     return [r["group"], name, _fmt(r.get("estimation_ms")), _fmt(r.get("kernel_ms")), total,
-            _fmt(r.get("density")), _fmt(r.get("mass_recall")), scaling,
+            _fmt(r.get("density")), _fmt(r.get("mass_recall")), scaling, paired,
             (_fmt(r.get("speedup_vs_cudnn"), 2) + "x") if r.get("speedup_vs_cudnn") else "-"]
 
 
@@ -583,6 +627,8 @@ TABLE_NOTE = ("est = method.plan(q, k, v, transient=True); kernel = block_sparse
               "total = both in one call; "
               "density = share of the causal area; recall = dense attention mass inside the plan (sampled rows, see "
               "recall_rows in the JSON); t/(d*dense) = total / (density x our dense time), target <= 1.3; "
+              "paired = with --paired-rounds N: median (min-max) over N rounds of sum(total) / sum(density x dense), "
+              "each round timing our dense kernel and the total back to back; "
               "vs cuDNN = SDPA cuDNN dense time / total; total* = estimation + kernel (a slow estimator, see "
               "--slow-ms). Oracle rows: kernel time only (the oracle needs dense "
               "attention). Real-model rows: means over the captured layers.")
@@ -677,7 +723,7 @@ def execute(cfg: Config, timer: Timer, device, env: Optional[dict] = None) -> di
                 case = {"group": group, "case": f"{Path(str(cfg.model)).name} {_klen(cfg.length)} layer {layer}",
                         "source": "real", "layer": layer}
                 run_case(q, k, v, methods, timer, case=case, layer_idx=layer, oracle_mass=cfg.oracle_mass,
-                         recall_windows_n=cfg.recall_windows, on_row=on_row)
+                         recall_windows_n=cfg.recall_windows, paired_rounds=cfg.paired_rounds, on_row=on_row)
                 del q, k, v
                 _cleanup(device)
             del qkv
@@ -693,7 +739,7 @@ def execute(cfg: Config, timer: Timer, device, env: Optional[dict] = None) -> di
                                  "generate_s": round(time.perf_counter() - t0, 2)})
             case = {"group": group, "case": group, "source": "synthetic", "layer": None, "seed": cfg.seed}
             run_case(q, k, v, methods, timer, case=case, layer_idx=None, oracle_mass=cfg.oracle_mass,
-                     recall_windows_n=cfg.recall_windows, on_row=on_row)
+                     recall_windows_n=cfg.recall_windows, paired_rounds=cfg.paired_rounds, on_row=on_row)
             del q, k, v
             _cleanup(device)
     _write_json(out, res)
