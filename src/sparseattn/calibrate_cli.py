@@ -76,7 +76,6 @@ def run(args) -> int:
 
 
 def _double_sparsity(args, model, tok, out: Path) -> int:
-
     from .decode_methods.double_sparsity import calibrate_channels_from_qkv
     from .eval.haystack import haystack_ids
     from .integrations.capture import capture_qkv
