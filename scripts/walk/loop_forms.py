@@ -6,29 +6,17 @@ Session 15: loop forms of the sparse walk (index in the loop, two ahead, ``warp_
 
 ``PYTHONPATH=src python scripts/walk/loop_forms.py`` (GPU).
 """
-import importlib.util, os, torch, triton, triton.testing
+import torch, triton, triton.testing
+
+from common import INDEX_TWO_AHEAD, SPARSE_WALK as OLD, walk_variants
 from sparseattn.bench.kernel import random_plan_at_density
 
-SRC = open("src/sparseattn/kernels/prefill_triton.py").read()
-SRC = SRC.replace("from ..plan import", "from sparseattn.plan import").replace("from .dispatch import", "from sparseattn.kernels.dispatch import")
-OLD = """        blk_next = tl.load(idx_row + t_begin * stride_ik, mask=t_begin < t_end, other=0)
-        for t in range(t_begin, t_end):
-            blk = blk_next
-            blk_next = tl.load(idx_row + (t + 1) * stride_ik, mask=t + 1 < count, other=0)
-"""
-assert OLD in SRC
 VARIANTS = {
     "cur": OLD,
     "inloop": """        for t in range(t_begin, t_end):
             blk = tl.load(idx_row + t * stride_ik)
 """,
-    "ahead2": """        blk_next = tl.load(idx_row + t_begin * stride_ik, mask=t_begin < t_end, other=0)
-        blk_next2 = tl.load(idx_row + (t_begin + 1) * stride_ik, mask=t_begin + 1 < count, other=0)
-        for t in range(t_begin, t_end):
-            blk = blk_next
-            blk_next = blk_next2
-            blk_next2 = tl.load(idx_row + (t + 2) * stride_ik, mask=t + 2 < count, other=0)
-""",
+    "ahead2": INDEX_TWO_AHEAD,
     "ws": """        for t in tl.range(t_begin, t_end, warp_specialize=True):
             blk = tl.load(idx_row + t * stride_ik)
 """,
@@ -37,13 +25,7 @@ VARIANTS = {
             blk = tl.load(idx_row + t * stride_ik)
 """,
 }
-os.makedirs("/tmp/sparseattn_walk", exist_ok=True)
-mods = {}
-for name, body in VARIANTS.items():
-    path = f"/tmp/sparseattn_walk/pk_{name}.py"
-    open(path, "w").write(SRC.replace(OLD, body))
-    spec = importlib.util.spec_from_file_location(f"pk_{name}", path)
-    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); mods[name] = m
+mods = walk_variants("pk", VARIANTS)
 
 dev = "cuda"
 torch.manual_seed(0)

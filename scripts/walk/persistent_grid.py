@@ -8,11 +8,12 @@ experiment (not adopted), not a tool.
 ``ROUNDS=7 PYTHONPATH=src python scripts/walk/persistent_grid.py`` (GPU; ``DEV=cpu LEN=256 TRITON_INTERPRET=1``
 checks the outputs on the interpreter).
 """
-import importlib.util, os, sys, torch, triton, triton.testing
-from sparseattn.bench.kernel import random_plan_at_density
+import os, sys, torch, triton, triton.testing
 
-SRC = open("src/sparseattn/kernels/prefill_triton.py").read()
-SRC = SRC.replace("from ..plan import", "from sparseattn.plan import").replace("from .dispatch import", "from sparseattn.kernels.dispatch import")
+from common import inputs, kernel_source, load_module
+
+SRC = kernel_source()
+
 
 def make_persistent(src):
     head, rest = src.split("def _block_sparse_fwd(", 1)
@@ -41,13 +42,8 @@ def make_persistent(src):
     assert "PERSIST_CTAS" in tail and "num_bh=num_bh" in tail
     return head + "def _block_sparse_fwd(" + sig + "):\n" + pre + loop + main + "\n\n# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head_dim" + tail
 
-os.makedirs("/tmp/sparseattn_walk", exist_ok=True)
 mods = {}
-def load(name, src):
-    path = f"/tmp/sparseattn_walk/pp_{name}.py"
-    open(path, "w").write(src)
-    spec = importlib.util.spec_from_file_location(f"pp_{name}", path)
-    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); return m
+load = load_module
 mods["cur"] = load("cur", SRC)
 PSRC = make_persistent(SRC)
 dev = os.environ.get("DEV", "cuda")
@@ -56,15 +52,7 @@ for occ, snake in ((2, False), (2, True), (4, False), (4, True), (8, False), (8,
     m = load(f"p{occ}{snake}", PSRC); m.PERSIST_CTAS = nsm * occ; m.PERSIST_SNAKE = snake
     mods[f"persist x{occ}{' snake' if snake else ''}"] = m
 
-L = int(os.environ.get("LEN", 32768))
-Hq, Hkv, D = 9, 3, 64
-torch.manual_seed(0)
-dt = torch.bfloat16 if dev == "cuda" else torch.float32
-q = torch.randn(1, Hq, L, D, device=dev, dtype=dt)
-k = torch.randn(1, Hkv, L, D, device=dev, dtype=dt)
-v = torch.randn(1, Hkv, L, D, device=dev, dtype=dt)
-blk = 128 if dev == "cuda" else 32
-plans = {d: random_plan_at_density(1, Hq, L, blk, d, dev, seed=1) for d in (1.0, 0.45, 0.19)}
+dev, q, k, v, plans = inputs()
 plans[None] = None
 refs = {d: mods["cur"].attention_triton(q, k, v, p) for d, p in plans.items()}
 for name, m in mods.items():
