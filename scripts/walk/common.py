@@ -67,3 +67,12 @@ def inputs(densities=(1.0, 0.45, 0.19), Hq=9, Hkv=3, D=64):
     blk = 128 if dev == "cuda" else 32
     plans = {d: random_plan_at_density(1, Hq, L, blk, d, dev, seed=1) for d in densities}
     return dev, q, k, v, plans
+
+
+def print_errors_vs_current(mods: dict, q, k, v, plans: dict) -> None:
+    """Each variant's largest output difference to the committed kernel (``mods["cur"]``), per plan."""
+    refs = {d: mods["cur"].attention_triton(q, k, v, p) for d, p in plans.items()}
+    for name, m in mods.items():
+        errs = [(m.attention_triton(q, k, v, p).float() - refs[d].float()).abs().max().item()
+                for d, p in plans.items()]
+        print(name, f"max err vs cur (plans {list(plans)}):", ["%.1e" % e for e in errs], flush=True)

@@ -9,7 +9,7 @@ variants' outputs on the interpreter).
 """
 import sys, torch, triton, triton.testing
 
-from common import INDEX_TWO_AHEAD, SPARSE_WALK as OLD, inputs, walk_variants
+from common import INDEX_TWO_AHEAD, SPARSE_WALK as OLD, inputs, print_errors_vs_current, walk_variants
 
 VARIANTS = {
     "cur": OLD,
@@ -36,10 +36,7 @@ VARIANTS = {
 }
 mods = walk_variants("pk2", VARIANTS)
 dev, q, k, v, plans = inputs()
-refs = {d: mods["cur"].attention_triton(q, k, v, p) for d, p in plans.items()}
-for name, m in mods.items():
-    errs = [(m.attention_triton(q, k, v, p).float() - refs[d].float()).abs().max().item() for d, p in plans.items()]
-    print(name, "max err vs cur (d=1, 0.45, 0.19):", ["%.1e" % e for e in errs], flush=True)
+print_errors_vs_current(mods, q, k, v, plans)
 if dev == "cpu":
     sys.exit()
 def bench(fn):

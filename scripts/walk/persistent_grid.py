@@ -10,7 +10,7 @@ checks the outputs on the interpreter).
 """
 import os, sys, torch, triton, triton.testing
 
-from common import inputs, kernel_source, load_module
+from common import inputs, kernel_source, load_module, print_errors_vs_current
 
 SRC = kernel_source()
 
@@ -54,10 +54,7 @@ for occ, snake in ((2, False), (2, True), (4, False), (4, True), (8, False), (8,
 
 dev, q, k, v, plans = inputs()
 plans[None] = None
-refs = {d: mods["cur"].attention_triton(q, k, v, p) for d, p in plans.items()}
-for name, m in mods.items():
-    errs = [(m.attention_triton(q, k, v, p).float() - refs[d].float()).abs().max().item() for d, p in plans.items()]
-    print(name, "max err vs cur:", ["%.1e" % e for e in errs], flush=True)
+print_errors_vs_current(mods, q, k, v, plans)
 if dev == "cpu":
     sys.exit()
 dens = {d: (p.density() if p is not None else 1.0) for d, p in plans.items()}
