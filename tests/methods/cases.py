@@ -89,13 +89,19 @@ CASES = {
              ({"head_pool": "min"}, "head_pool"), ({"proxy_heads": 0}, "proxy_heads"),
              ({"gqa_policy": "group_sum"}, "gqa_policy")]),
     # dense_len=0: the official dense fallback (Lq <= 1024) would make these short inputs dense.
+    # block_k = block_size: the matrix's square blocks (test_sale.py covers the official 64 x 32);
+    # one-tile segments, so the minimal anchor is exactly the sink and the diagonal.
     "sale": dict(
-        small={"threshold": 0.2, "dense_len": 0}, full={"threshold": 0.0, "dense_len": 0},
-        minimal={"threshold": 1e9, "local_window": 0, "dense_len": 0},
+        small=lambda s: {"threshold": 0.2, "dense_len": 0, "block_k": s["block"], "block_seg": s["block"]},
+        full=lambda s: {"threshold": 0.0, "dense_len": 0, "block_k": s["block"], "block_seg": s["block"]},
+        minimal=lambda s: {"threshold": 1e9, "local_window": 0, "dense_len": 0, "block_k": s["block"],
+                           "block_seg": s["block"]},
         minimal_keep=block_rule(lambda s, qb, kb: (kb == 0) | diag_blocks(s, qb, kb)),
-        planted={"threshold": 0.1, "local_window": 64, "dense_len": 0},
+        planted=lambda s: {"threshold": 0.1, "local_window": 64, "dense_len": 0, "block_k": s["block"],
+                           "block_seg": s["block"]},
         bad=[({"threshold": -0.1}, "threshold"), ({"bits": 3}, "bits"), ({"local_window": -1}, "local_window"),
-             ({"dense_len": -1}, "dense_len"), ({"gqa_policy": "group_sum"}, "gqa_policy")]),
+             ({"dense_len": -1}, "dense_len"), ({"gqa_policy": "group_sum"}, "gqa_policy"),
+             ({"block_k": 0}, "block_k"), ({"block_seg": 100}, "block_seg")]),
     # dense_queries=0: HiP's dense-prefix heuristic makes every row of these short inputs dense.
     "hip": dict(
         small=lambda s: {"mask_k": 2 * s["block"], "dense_queries": 0}, full={"mask_k": BIG},

@@ -5,17 +5,31 @@ import math
 import pytest
 import torch
 
+from sparseattn import BlockPlan
 from sparseattn.methods import get_method
 from sparseattn.methods.sale import quantize_per_token
 
 
-def loop_plan(q, k, bs, tau, local_window, bits=4):
-    """Per (head, row): exact anchor stats over the sink block + local blocks + diagonal, then the
-    low-bit relative score of every visible key; a block is kept if any of its pairs passes."""
+def official_local_tiles(n_max, sink, local_tiles, seg_tiles):
+    """How many of the last visible tiles the official kernel computes exactly (a literal port of
+    ``flash_fwd_int4_sparse_kernel_v2.h``'s counting, generalised from its one sink tile)."""
+    n_wo = n_max - sink
+    n_segs = -(-n_wo // seg_tiles)
+    remain = n_wo - n_segs * seg_tiles
+    if remain >= local_tiles:
+        return remain
+    n_supplement = -(-(local_tiles - remain) // seg_tiles)
+    return seg_tiles * n_supplement + remain
+
+
+def loop_plan(q, k, bq, bk, tau, local_window, block_seg, bits=4, sink=1):
+    """Per (head, row): exact anchor stats over the sink tiles + the official local tiles (and the
+    tiles of the block's own queries), then the low-bit relative score of every visible key; a
+    tile is kept if any of its pairs passes."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    G, nQ, nK = Hq // Hkv, math.ceil(Lq / bs), math.ceil(Lk / bs)
-    lb = math.ceil(local_window / bs)
+    G, nQ, nK = Hq // Hkv, math.ceil(Lq / bq), math.ceil(Lk / bk)
+    nl, bps = math.ceil(local_window / bk), block_seg // bk
     out = torch.zeros(B, Hq, nQ, nK, dtype=torch.bool)
     for b in range(B):
         for h in range(Hq):
@@ -26,12 +40,14 @@ def loop_plan(q, k, bs, tau, local_window, bits=4):
             est = ((qi @ ki.T) * sq * sk.T + qm @ ks.T) / math.sqrt(D)
             exact = (qq @ ks.T) / math.sqrt(D)
             for i in range(Lq):
-                p, m = Lk - Lq + i, i // bs
-                first, last = Lk - Lq + m * bs, Lk - Lq + min((m + 1) * bs, Lq) - 1
+                p, m = Lk - Lq + i, i // bq
+                first, last = Lk - Lq + m * bq, Lk - Lq + min((m + 1) * bq, Lq) - 1
                 if last < 0:
                     continue
-                d_lo, d_hi = max(first, 0) // bs, last // bs
-                anchor = [j for j in range(min(p + 1, Lk)) if j // bs < 1 or d_lo - lb <= j // bs <= d_hi]
+                n_max = min(-(-(last + 1) // bk), nK)
+                start = max(n_max - official_local_tiles(n_max, sink, nl, bps), 0)
+                start = min(start, max(first, 0) // bk)  # the block's own tiles
+                anchor = [j for j in range(min(p + 1, Lk)) if j // bk < sink or j // bk >= start]
                 if not anchor:
                     continue
                 mi = exact[i, anchor].max()
@@ -40,19 +56,37 @@ def loop_plan(q, k, bs, tau, local_window, bits=4):
                 n = min(p + 1, Lk)
                 passed = (torch.exp(est[i, :n] - mi) / li >= t).nonzero().view(-1).tolist()
                 for j in passed + anchor:
-                    out[b, h, m, j // bs] = True
+                    out[b, h, m, j // bk] = True
     return out
 
 
-@pytest.mark.parametrize("Lq,Lk", [(200, 200), (70, 150), (150, 90)])
+@pytest.mark.parametrize("Lq,Lk", [(200, 200), (70, 150), (150, 90), (333, 333)])
 @pytest.mark.parametrize("tau", [0.05, [0.3, 0.02, 0.1, 0.0]])
-def test_plan_matches_a_per_row_loop(Lq, Lk, tau):
+@pytest.mark.parametrize("bq,bk,window,seg", [(32, 16, 40, 32), (32, 16, 64, 64), (16, 32, 32, 64)])
+def test_plan_matches_a_per_row_loop(Lq, Lk, tau, bq, bk, window, seg):
     g = torch.Generator().manual_seed(Lq + Lk)
     q = torch.randn(1, 4, Lq, 16, generator=g, dtype=torch.float64)
     k = torch.randn(1, 2, Lk, 16, generator=g, dtype=torch.float64)
-    plan = get_method("sale", block_size=32, threshold=tau, local_window=40, dense_len=0).plan(q, k, k)
+    plan = get_method("sale", block_size=bq, block_k=bk, threshold=tau, local_window=window, block_seg=seg,
+                      dense_len=0).plan(q, k, k)
     plan.validate(causal=True)
-    assert torch.equal(plan.block_mask(), loop_plan(q, k, 32, tau, 40))
+    assert (plan.block_q, plan.block_k) == (bq, bk)
+    assert torch.equal(plan.block_mask(), loop_plan(q, k, bq, bk, tau, window, seg))
+
+
+def test_official_local_part_grows_to_whole_segments():
+    """64-row blocks, 32-key tiles, 128-key segments and window: the official kernel computes the
+    last 4-7 tiles of each query block exactly, so that the estimated tiles form whole segments."""
+    from sparseattn.methods.sale import sale_local_start
+
+    start = sale_local_start(12, block_q=64, block_k=32, q_len=768, k_len=768, sink_blocks=1, local_blocks=4,
+                             seg_blocks=4, causal=True, device="cpu")
+    n_max = 2 * torch.arange(1, 13)
+    first_local = start.clamp(min=1)  # tiles before the one sink tile are anchored either way
+    assert first_local.tolist() == [1, 1, 1, 1, 5, 5, 9, 9, 13, 13, 17, 17]
+    assert (n_max - first_local)[4:].tolist() == [5, 7] * 4  # 4-7 local tiles, whole 4-tile segments before
+    for n, s in zip(n_max.tolist(), first_local.tolist()):
+        assert max(n - official_local_tiles(n, 1, 4, 4), 1) == s
 
 
 def test_quantization_error_is_half_a_step():
@@ -81,7 +115,10 @@ def test_planted_needle_block_is_kept(bits):
     plan = get_method("sale", bits=bits, threshold=0.05).plan(q, k, v)  # official defaults otherwise
     plan.validate(causal=True)
     bm = plan.block_mask()[0]
-    assert bm[:, 640 // 64 + 3:, 640 // 64].all()  # found by every later query block, beyond the anchor
+    assert (plan.block_q, plan.block_k) == (64, 32)
+    # Found by every query block whose anchor does not reach the needle (from block 14 on: its local
+    # part starts at tile 25; block 13's holds half the needle, which then weighs less than 0.05 per key).
+    assert bm[:, 640 // 64 + 4:, 640 // 32:704 // 32].all()
     assert plan.density() < 0.6
 
 
@@ -90,7 +127,8 @@ def test_official_dense_fallback_and_threshold_zero():
     assert get_method("sale").plan(q, k, v).density() == 1.0  # Lq <= 1024: dense, as the official code
     assert get_method("sale", threshold=0.0, dense_len=0).plan(q, k, v).density() == 1.0
     mixed = get_method("sale", threshold=[1e-6, 0.5], dense_len=0).plan(q, k, v)  # < 1e-5: head not sparsified
-    assert bool(mixed.block_mask()[0, 0][torch.tril(torch.ones(16, 16, dtype=torch.bool))].all())
+    visible = BlockPlan.dense(block_q=64, block_k=32, q_len=1024, k_len=1024, causal=True).block_mask()[0, 0]
+    assert torch.equal(mixed.block_mask()[0, 0], visible)
     assert int(mixed.kv_counts[0, 1].sum()) < int(mixed.kv_counts[0, 0].sum())
     union = get_method("sale", dense_len=0, threshold=0.05, gqa_policy="group_union").plan(q, k, v)
     per_q = get_method("sale", dense_len=0, threshold=0.05).plan(q, k, v)
@@ -99,6 +137,8 @@ def test_official_dense_fallback_and_threshold_zero():
 
 def test_official_defaults():
     m = get_method("sale")
-    assert (m.block_size, m.threshold, m.bits, m.local_window, m.sink_blocks, m.dense_len) == (64, 0.004, 4, 128, 1,
-                                                                                               1024)
+    assert (m.block_size, m.block_k, m.threshold, m.bits, m.local_window, m.block_seg, m.sink_blocks,
+            m.dense_len) == (64, 32, 0.004, 4, 128, 128, 1, 1024)
+    with pytest.raises(ValueError, match="block_seg"):
+        get_method("sale", block_k=48)  # 128-key segments of 48-key tiles
     assert get_method("sale", threshold=[0.001, 0.004]).threshold == (0.001, 0.004)

@@ -20,7 +20,7 @@ import torch
 from sparseattn.bench.synthetic import structured_qkv
 from sparseattn.methods import get_method
 from sparseattn.methods import sale as sm
-from sparseattn.methods.base import forced_blocks, visible_blocks
+from sparseattn.methods.base import visible_blocks
 from sparseattn.methods.sale import quantize_per_token
 
 from ..conftest import requires_cuda, triton_importable
@@ -67,21 +67,26 @@ def test_quantize_rounds_half_to_even():
 
 
 # ----------------------------------------------------------------------------- pass 1
-def anchor_thresholds_ref(q, ks, tau, *, bs, sink_blocks, lb, causal):
-    """Row thresholds in float64 from an explicit anchor mask: key j is an anchor key of row i in
-    query block I when j < sink_end, or j is past the sink inside the window of lb + 2 blocks
-    starting at key block d_lo(I) - lb; keys past the row's position are dropped when causal."""
+def anchor_keys(*, bq, bk, Lq, Lk, sink, lb, seg, causal):
+    """bool [Lq, Lk]: key j is an anchor key of row i in query block I when its tile is a sink
+    tile or at or after I's first local tile (``sale_local_start``, tested against a literal port
+    of the official counting in test_sale.py); keys past the row's position are dropped when causal."""
+    nQ = math.ceil(Lq / bq)
+    start = sm.sale_local_start(nQ, block_q=bq, block_k=bk, q_len=Lq, k_len=Lk, sink_blocks=sink, local_blocks=lb,
+                                seg_blocks=seg, causal=causal, device="cpu")
+    i = torch.arange(Lq).view(-1, 1)
+    tile = torch.arange(Lk).view(1, -1) // bk
+    ok = (tile < sink) | (tile >= start[i // bq])
+    if causal:
+        ok = ok & (torch.arange(Lk).view(1, -1) <= Lk - Lq + i)
+    return ok
+
+
+def anchor_thresholds_ref(q, ks, tau, **geo):
+    """Row thresholds in float64 over the explicit anchor mask."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = ks.shape[1], ks.shape[2]
-    i = torch.arange(Lq).view(-1, 1)
-    j = torch.arange(Lk).view(1, -1)
-    pos = Lk - Lq + i
-    d_lo = (Lk - Lq + (i // bs) * bs).clamp(min=0) // bs
-    w0 = (d_lo - lb) * bs
-    sink_end = min(sink_blocks * bs, Lk)
-    ok = (j < sink_end) | ((j >= sink_end) & (j >= w0) & (j < w0 + (lb + 2) * bs))
-    if causal:
-        ok = ok & (j <= pos)
+    ok = anchor_keys(Lq=Lq, Lk=Lk, **geo)
     kk = ks.double().repeat_interleave(Hq // Hkv, 1)
     s = (q.double() @ kk.transpose(-1, -2)) / math.sqrt(D)
     s = s.masked_fill(~ok.to(s.device), float("-inf"))
@@ -91,24 +96,25 @@ def anchor_thresholds_ref(q, ks, tau, *, bs, sink_blocks, lb, causal):
     return torch.where(torch.isfinite(m), thr, torch.full_like(thr, float("inf"))).squeeze(-1)
 
 
-@pytest.mark.parametrize("Lq,Lk,bs,sink,lb,causal,block_m,block_n", [
-    (200, 200, 32, 1, 2, True, 32, 64),
-    (70, 150, 32, 1, 1, True, 16, 16),  # Lq < Lk; two row tiles per query block, two chunks per block
-    (150, 90, 32, 1, 2, True, 32, 32),  # Lq > Lk: rows that see nothing (+inf)
-    (130, 130, 48, 2, 1, True, 64, 32),  # a block of 48 in 64 slots: chunks straddle blocks
-    (100, 160, 16, 0, 0, True, 16, 64),  # no sink, no window: the diagonal only
-    (120, 120, 32, 1, 2, False, 32, 64),  # not causal: the whole window counts
+@pytest.mark.parametrize("Lq,Lk,bq,bk,sink,lb,seg,causal,block_m,block_n", [
+    (200, 200, 32, 16, 1, 2, 2, True, 32, 64),
+    (70, 150, 32, 32, 1, 1, 1, True, 16, 16),  # Lq < Lk; two row tiles per query block, two chunks per tile
+    (150, 90, 32, 16, 1, 2, 4, True, 32, 32),  # Lq > Lk: rows that see nothing (+inf)
+    (130, 130, 48, 32, 2, 1, 2, True, 64, 32),  # a block of 48 in 64 slots: chunks straddle tiles
+    (100, 160, 16, 16, 0, 0, 1, True, 16, 64),  # no sink, no window: the block's own tiles only
+    (120, 120, 32, 16, 1, 2, 2, False, 32, 64),  # not causal: the last tiles are local
 ])
-def test_anchor_thresholds_match_reference(Lq, Lk, bs, sink, lb, causal, block_m, block_n):
+def test_anchor_thresholds_match_reference(Lq, Lk, bq, bk, sink, lb, seg, causal, block_m, block_n):
     g = torch.Generator().manual_seed(Lq + Lk)
     B, Hq, Hkv, D = 2, 4, 2, 32
     q = (torch.randn(B, Hq, Lq, D, generator=g) * 2).to(DEVICE)
     ks = torch.randn(B, Hkv, Lk, D, generator=g).to(DEVICE)
     tau = torch.tensor([0.01, 0.3, 1e-6, 0.05], device=DEVICE)
     dense = tau < 1e-5
-    want = anchor_thresholds_ref(q.cpu(), ks.cpu(), tau.cpu(), bs=bs, sink_blocks=sink, lb=lb, causal=causal)
-    got = sk_().anchor_thresholds_triton(q, ks, torch.log(tau), dense, block_size=bs, sink_blocks=sink,
-                                         local_blocks=lb, causal=causal, block_m=block_m, block_n=block_n).cpu()
+    geo = dict(sink_blocks=sink, local_blocks=lb, seg_blocks=seg, causal=causal)
+    want = anchor_thresholds_ref(q.cpu(), ks.cpu(), tau.cpu(), bq=bq, bk=bk, sink=sink, lb=lb, seg=seg, causal=causal)
+    got = sk_().anchor_thresholds_triton(q, ks, torch.log(tau), dense, block_q=bq, block_k=bk, **geo,
+                                         block_m=block_m, block_n=block_n).cpu()
     live = ~dense.cpu()  # dense heads are not written
     assert torch.equal(torch.isinf(got[:, live]), torch.isinf(want[:, live]))
     torch.testing.assert_close(got[:, live], want[:, live].float(), rtol=1e-5, atol=3e-5)  # 3xTF32 on the GPU
@@ -117,22 +123,24 @@ def test_anchor_thresholds_match_reference(Lq, Lk, bs, sink, lb, causal, block_m
 
 
 # ----------------------------------------------------------------------------- pass 2
-def needed_blocks(*, bs, Lq, Lk, sink, lb, causal):
-    """bool [nQ, nK]: the blocks the estimate decides (visible, outside the anchor)."""
-    geo = dict(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk, device="cpu")
-    visible = visible_blocks(**geo, causal=causal)
-    anchor = forced_blocks(**geo, sink_blocks=sink, local_blocks=lb, diagonal=True)
-    return visible & ~anchor
+def needed_blocks(*, bq, bk, Lq, Lk, sink, lb, seg, causal):
+    """bool [nQ, nK]: the tiles the estimate decides (visible, outside the anchor)."""
+    geo = dict(block_q=bq, block_k=bk, q_len=Lq, k_len=Lk)
+    visible = visible_blocks(**geo, causal=causal, device="cpu")
+    start = sm.sale_local_start(math.ceil(Lq / bq), **geo, sink_blocks=sink, local_blocks=lb, seg_blocks=seg,
+                                causal=causal, device="cpu")
+    n = torch.arange(math.ceil(Lk / bk)).view(1, -1)
+    return visible & (n >= sink) & (n < start.view(-1, 1))
 
 
 PASS2_CASES = [
-    # (Lq, Lk, bs, sink, lb, causal, (block_m, block_n, split, num_warps, num_stages, int8_dot))
-    (300, 300, 32, 1, 1, True, (32, 32, 4, 4, 1, False)),
-    (300, 300, 32, 1, 1, True, (64, 16, 2, 4, 1, True)),  # two query blocks per tile, half blocks
-    (200, 330, 48, 2, 1, True, (32, 32, 2, 4, 1, False)),  # Lq < Lk, 48 in 64 slots, two tiles per block
-    (400, 230, 64, 1, 0, True, (32, 64, 4, 4, 1, True)),  # Lq > Lk: query blocks that see nothing
-    (200, 200, 16, 0, 2, True, (64, 16, 2, 4, 1, False)),  # four query blocks per tile, no sink
-    (200, 260, 32, 1, 1, False, (32, 32, 2, 4, 1, False)),  # not causal: blocks after the diagonal too
+    # (Lq, Lk, bq, bk, sink, lb, seg, causal, (block_m, block_n, split, num_warps, num_stages, int8_dot))
+    (300, 300, 32, 32, 1, 1, 1, True, (32, 32, 4, 4, 1, False)),
+    (300, 300, 32, 16, 1, 2, 2, True, (64, 16, 2, 4, 1, True)),  # two query blocks per tile, 16-key tiles
+    (200, 330, 48, 32, 2, 1, 2, True, (32, 16, 2, 4, 1, False)),  # Lq < Lk, 48 in 64 slots, two steps per tile
+    (400, 230, 64, 32, 1, 0, 4, True, (32, 64, 4, 4, 1, True)),  # Lq > Lk: query blocks that see nothing
+    (200, 200, 16, 16, 0, 2, 2, True, (64, 16, 2, 4, 1, False)),  # four query blocks per tile, no sink
+    (200, 260, 32, 16, 1, 2, 2, False, (32, 32, 2, 4, 1, False)),  # not causal: the last tiles are local
 ]
 
 
@@ -141,7 +149,7 @@ def test_estimate_block_mask_matches_reference(case):
     """Every needed block's decision, bit for bit. Each row threshold is set exactly to the value
     of one of its pairs (a tie, which passes), so an arithmetic order other than PyTorch's
     ``(dots * sk) * sq + qmk`` then ``* scale`` would flip some of them."""
-    Lq, Lk, bs, sink, lb, causal, cfg = PASS2_CASES[case]
+    Lq, Lk, bq, bk, sink, lb, seg, causal, cfg = PASS2_CASES[case]
     g = torch.Generator().manual_seed(case)
     B, Hq, Hkv, D = 2, 3, 1, 32
     bits = 8 if cfg[-1] else 4
@@ -154,9 +162,9 @@ def test_estimate_block_mask_matches_reference(case):
     scale = 1.0 / math.sqrt(D)
     dots = q_int @ k_int.transpose(-1, -2)  # integers: exact
     est = (dots * sk.view(B, Hkv, 1, Lk) * sq.unsqueeze(-1) + qmk.unsqueeze(2)) * scale  # PyTorch's order
-    need = needed_blocks(bs=bs, Lq=Lq, Lk=Lk, sink=sink, lb=lb, causal=causal)
+    need = needed_blocks(bq=bq, bk=bk, Lq=Lq, Lk=Lk, sink=sink, lb=lb, seg=seg, causal=causal)
     nQ, nK = need.shape
-    need_el = need.repeat_interleave(bs, 0).repeat_interleave(bs, 1)[:Lq, :Lk]  # element view
+    need_el = need.repeat_interleave(bq, 0).repeat_interleave(bk, 1)[:Lq, :Lk]  # element view
     # Row thresholds: on 5 % of the rows the value of one of the row's 3 largest needed pairs (ties
     # pass), +inf elsewhere, so some needed blocks pass and most do not.
     vals = est.masked_fill(~need_el, float("-inf"))
@@ -165,14 +173,14 @@ def test_estimate_block_mask_matches_reference(case):
     live_row = torch.rand(B, Hq, Lq, generator=g) < 0.05
     thr = torch.where(torch.isfinite(thr) & live_row, thr, torch.full_like(thr, float("inf")))
     passed = (est >= thr.unsqueeze(-1)) & need_el
-    want = torch.nn.functional.pad(passed, (0, nK * bs - Lk, 0, nQ * bs - Lq))
-    want = want.view(B, Hq, nQ, bs, nK, bs).any(5).any(3)
+    want = torch.nn.functional.pad(passed, (0, nK * bk - Lk, 0, nQ * bq - Lq))
+    want = want.view(B, Hq, nQ, bq, nK, bk).any(5).any(3)
     dense = torch.tensor([False, True, False])
     int_dtype = torch.int8 if cfg[-1] else torch.float16
     got = sk_().estimate_block_mask_triton(
         q_int.to(int_dtype).to(DEVICE), sq.to(DEVICE), k_int.to(int_dtype).to(DEVICE), sk.to(DEVICE), qmk.to(DEVICE),
-        thr.to(DEVICE), dense.to(DEVICE), block_size=bs, sink_blocks=sink, local_blocks=lb, causal=causal,
-        config=cfg).cpu()
+        thr.to(DEVICE), dense.to(DEVICE), block_q=bq, block_k=bk, sink_blocks=sink, local_blocks=lb, seg_blocks=seg,
+        causal=causal, config=cfg).cpu()
     assert got.dtype == torch.uint8 and got.shape == (B, Hq, nQ, nK)
     assert torch.equal(got[:, 1], torch.zeros_like(got[:, 1]))  # a dense head is skipped
     live = [0, 2]
@@ -182,6 +190,7 @@ def test_estimate_block_mask_matches_reference(case):
 
 def test_argument_checks():
     m = sk_()
+    GEO = dict(block_q=16, block_k=16, sink_blocks=1, local_blocks=1, seg_blocks=1, causal=True)
     q = torch.zeros(1, 2, 40, 16, device=DEVICE)
     with pytest.raises(ValueError, match="bits"):
         m.smooth_quantize_triton(q, q.mean(2, keepdim=True), 3)
@@ -189,19 +198,20 @@ def test_argument_checks():
         m.smooth_quantize_triton(q, q.mean(2), 4)
     with pytest.raises(ValueError, match="ks"):
         m.anchor_thresholds_triton(q, q.half(), torch.zeros(2, device=DEVICE), torch.zeros(2, dtype=torch.bool,
-                                   device=DEVICE), block_size=16, sink_blocks=1, local_blocks=1, causal=True)
+                                   device=DEVICE), **GEO)
     with pytest.raises(ValueError, match="log_tau"):
         m.anchor_thresholds_triton(q, q, torch.zeros(3, device=DEVICE), torch.zeros(2, dtype=torch.bool,
-                                   device=DEVICE), block_size=16, sink_blocks=1, local_blocks=1, causal=True)
+                                   device=DEVICE), **GEO)
+    with pytest.raises(ValueError, match="seg_blocks"):
+        m.anchor_thresholds_triton(q, q, torch.zeros(2, device=DEVICE), torch.zeros(2, dtype=torch.bool,
+                                   device=DEVICE), **dict(GEO, seg_blocks=0))
     with pytest.raises(ValueError, match="config"):
         m.sale_estimate_triton(q, q, torch.zeros(2, device=DEVICE), torch.zeros(2, dtype=torch.bool, device=DEVICE),
-                               block_size=16, bits=4, local_blocks=1, sink_blocks=1, causal=True,
-                               config=(48, 32, 4, 4, 1))
+                               bits=4, **GEO, config=(48, 32, 4, 4, 1))
     with pytest.raises(ValueError, match="int8_dot"):
         z = torch.zeros(1, 2, 40, device=DEVICE)
         m.estimate_block_mask_triton(q.half(), z, q.half(), z, z, z, torch.zeros(2, dtype=torch.bool, device=DEVICE),
-                                     block_size=16, sink_blocks=1, local_blocks=1, causal=True,
-                                     config=(32, 32, 4, 4, 1, True))
+                                     **GEO, config=(32, 32, 4, 4, 1, True))
 
 
 # ----------------------------------------------------------------------------- whole plans
@@ -232,16 +242,18 @@ def assert_sale_plan_equals_torch(m, q, k, v, monkeypatch, *, causal=True, layer
 
 PLAN_CASES = [
     # (B, Hq, Hkv, Lq, Lk, D, dtype, options, causal, layer_idx)
-    (1, 2, 2, 333, 333, 32, torch.float32, dict(block_size=32, threshold=0.2), True, None),  # G = 1
+    (1, 2, 2, 333, 333, 32, torch.float32, dict(block_size=32, block_k=16, block_seg=32, threshold=0.2), True,
+     None),  # G = 1, 32 x 16 tiles, 2-tile segments
     (2, 3, 1, 250, 400, 32, torch.bfloat16, dict(block_size=48, threshold=0.1), True, None),  # B = 2, G = 3, Lq < Lk
     (1, 4, 1, 420, 300, 32, torch.float16, dict(block_size=32, bits=8, threshold=[0.2, 0.0, 1e-6, 0.05]), True,
      None),  # G = 4, Lq > Lk, dense heads (threshold 0 and < 1e-5)
     (1, 6, 2, 320, 320, 32, torch.bfloat16, dict(block_size=32, threshold=[[0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
                                                                          [0.3, 0.1, 0.2, 0.15, 0.05, 0.4]],
-                                                 gqa_policy="group_union", sink_blocks=2, local_window=40), True, 1),
-    (1, 3, 3, 300, 300, 32, torch.float32, dict(block_size=32, threshold=0.1), False, None),  # not causal
-    (1, 2, 1, 300, 300, 64, torch.float16, dict(block_size=64, threshold=0.3, sink_blocks=0, local_window=0), True,
-     None),
+                                                 gqa_policy="group_union", sink_blocks=2, local_window=40,
+                                                 block_k=16, block_seg=48), True, 1),
+    (1, 3, 3, 300, 300, 32, torch.float32, dict(block_size=32, block_k=16, threshold=0.1), False, None),  # not causal
+    (1, 2, 1, 300, 300, 64, torch.float16, dict(block_size=64, block_k=64, threshold=0.3, sink_blocks=0,
+                                                local_window=0), True, None),
 ]
 
 

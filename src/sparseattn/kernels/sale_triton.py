@@ -16,8 +16,8 @@ hold more than a ``[B, Hq, nQ, nK]`` byte mask besides q/k-sized buffers:
   fp16 (or int8) ready for ``tl.dot``; for k also the smoothed fp32 keys ``ks``;
 * ``qmk = mean(q) . ks^T``: ``torch.matmul`` on the same tensors as the PyTorch path (same bits);
 * :func:`anchor_thresholds_triton`, pass 1, one program per (query block, row tile, batch x head):
-  the exact logits ``q . ks / sqrt(D)`` over the anchor (sink keys ``[0, sink_end)`` and the
-  block-rounded local window, causal, as the PyTorch code defines it) with fp32 accumulation
+  the exact logits ``q . ks / sqrt(D)`` over the anchor (the sink tiles and the local tiles of
+  ``methods.sale.sale_local_start``, causal, as the PyTorch code defines it) with fp32 accumulation
   (3xTF32 on the GPU by default), an online max / sum, and the row threshold
   ``thr_i = m_i + log(tau_h) + log(l_i)`` (``+inf`` for rows that see nothing or lie past Lq);
 * :func:`estimate_block_mask_triton`, pass 2, one program per (key split, query tile,
@@ -29,23 +29,25 @@ hold more than a ``[B, Hq, nQ, nK]`` byte mask besides q/k-sized buffers:
   monotone). A block some pair passes gets a 1 in a zeroed byte mask (several programs may
   write the same 1: no atomics needed).
 
-Pass 2 computes only the blocks the decision needs: the visible blocks outside the anchor, i.e.
-key blocks ``[sink_blocks, d_lo(I) - local_blocks)`` of query block ``I`` (plus the blocks after
-its diagonal when not causal). Those are entirely visible to every query of ``I``, so no causal
-mask is needed per pair; whatever a tile computes for blocks that are anchored or invisible to
-some of its query blocks is overridden by the caller's ``(mask | anchor | dense) & visible``.
+Pass 2 computes only the tiles the decision needs: the visible tiles outside the anchor, i.e.
+key tiles ``[sink_blocks, start(I))`` of query block ``I`` (``start``: the first local tile,
+never after the tile of the block's first query). Those are entirely visible to every query of
+``I``, so no causal mask is needed per pair; whatever a tile computes for tiles that are
+anchored or invisible to some of its query blocks is overridden by the caller's
+``(mask | anchor | dense) & visible``.
 Heads whose threshold is below ``1e-5`` (dense) are skipped by both passes.
 
-Blocks of any size: a block of ``bs`` tokens sits in ``BSP = next_pow2(bs)`` slots (the extra
-slots masked), so tiles hold whole blocks or whole fractions of one. Lengths need not be
-multiples of the block; bottom-right causal alignment for ``Lq != Lk``.
+Blocks of any size (query blocks and key tiles apart, the official 64 x 32 by default): a block of
+``bs`` tokens sits in ``next_pow2(bs)`` slots (the extra slots masked), so tiles hold whole blocks
+or whole fractions of one. Lengths need not be multiples of the blocks; bottom-right causal
+alignment for ``Lq != Lk``.
 
 Exactness. The quantized tensors, ``qmk`` and ``est`` are the PyTorch path's bits. Pass 1 sums
 its dot products and softmax terms in another order (and rescales online), so ``thr`` differs by
 a few float32 ulps: a plan can differ only where some pair's ``est * scale`` sits within that of
 its row threshold.
 
-Cost (SmolLM2-like heads at 32K, bs 64, causal, default tiles; estimates, not yet measured):
+Cost (SmolLM2-like heads at 32K, 64-row blocks, causal, default tiles; estimates, not yet measured):
 pass 2 is ``~0.3 T`` integer multiply-adds over the causal area (0.6 TFLOP of fp16 tensor-core
 work; ~4.8 GB of 64 x 64 fp16 K tiles streamed from L2 with 128-row query tiles, half that
 with 256-row tiles) plus four float32 ops per pair (two products, a sum, a max; two more to
@@ -168,12 +170,34 @@ def smooth_quantize_triton(x: torch.Tensor, mean: torch.Tensor, bits: int, *, ou
     return x_int, scale, xs
 
 
+# ----------------------------------------------------------------------------- the anchor's geometry
+@triton.jit
+def _local_start(blk, Lq, Lk, nK, sink_blocks, local_blocks, seg_blocks, BLOCK_Q: tl.constexpr,
+                 BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr):
+    """(first local key tile, tiles visible) of query block ``blk``: ``methods.sale.sale_local_start``."""
+    off = Lk - Lq
+    first = off + blk * BLOCK_Q
+    last = off + tl.minimum((blk + 1) * BLOCK_Q, Lq) - 1
+    if CAUSAL:
+        n_max = tl.minimum(tl.maximum(last + 1 + BLOCK_K - 1, 0) // BLOCK_K, nK)
+    else:
+        n_max = nK
+    over = n_max - sink_blocks - local_blocks  # tiles beyond sink and minimal local part
+    segs = tl.where(over > 0, tl.maximum(over, 0) // seg_blocks, 0)  # non-negative operands only
+    start = sink_blocks + segs * seg_blocks
+    if CAUSAL:
+        start = tl.minimum(start, tl.maximum(first, 0) // BLOCK_K)
+    else:
+        start = tl.minimum(start, tl.maximum(n_max - 1, 0))
+    return start, n_max
+
+
 # ----------------------------------------------------------------------------- pass 1: anchor thresholds
 @triton.jit
 def _anchor_thresholds(Q, KS, LogTau, Dense, Thr, stride_qb, stride_qh, stride_ql, stride_qd,
-                       Hq, group, Lq, Lk, n_sub, sink_end, local_blocks, scale,
-                       BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                       Hq, group, Lq, Lk, nK, n_sub, sink_blocks, local_blocks, seg_blocks, scale,
+                       BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                        ACCURATE: tl.constexpr):
     pid = tl.program_id(0)
     pair = tl.program_id(1)  # batch x query head
@@ -183,16 +207,16 @@ def _anchor_thresholds(Q, KS, LogTau, Dense, Thr, stride_qb, stride_qh, stride_q
         kv = (b * (Hq // group) + h // group).to(tl.int64)
         blk = pid // n_sub
         r_in = (pid % n_sub) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row = blk * BLOCK_SIZE + r_in
-        row_ok = (r_in < BLOCK_SIZE) & (row < Lq)
+        row = blk * BLOCK_Q + r_in
+        row_ok = (r_in < BLOCK_Q) & (row < Lq)
         off = Lk - Lq
         pos = off + row
-        last = off + tl.minimum((blk + 1) * BLOCK_SIZE, Lq) - 1  # the block's last query position
-        d_lo = tl.maximum(off + blk * BLOCK_SIZE, 0) // BLOCK_SIZE
-        w0 = (d_lo - local_blocks) * BLOCK_SIZE  # window: local_blocks + 2 blocks from here (PyTorch: win)
-        a_hi = sink_end
-        b_lo = tl.maximum(w0, sink_end)  # sink keys are counted once, in the sink part
-        b_hi = tl.minimum(w0 + (local_blocks + 2) * BLOCK_SIZE, Lk)
+        last = off + tl.minimum((blk + 1) * BLOCK_Q, Lq) - 1  # the block's last query position
+        start, n_max = _local_start(blk, Lq, Lk, nK, sink_blocks, local_blocks, seg_blocks, BLOCK_Q, BLOCK_K,
+                                    CAUSAL)
+        a_hi = tl.minimum(sink_blocks * BLOCK_K, Lk)
+        b_lo = tl.maximum(start * BLOCK_K, a_hi)  # sink keys are counted once, in the sink part
+        b_hi = tl.minimum(n_max * BLOCK_K, Lk)
         if CAUSAL:  # no chunk past the block's last query
             a_hi = tl.minimum(a_hi, last + 1)
             b_hi = tl.minimum(b_hi, last + 1)
@@ -206,7 +230,7 @@ def _anchor_thresholds(Q, KS, LogTau, Dense, Thr, stride_qb, stride_qh, stride_q
         l = tl.zeros([BLOCK_M], dtype=tl.float32)
         n_a = tl.cdiv(tl.maximum(a_hi, 0), BLOCK_N)
         n_b = tl.cdiv(tl.maximum(b_hi - b_lo, 0), BLOCK_N)
-        for c in range(0, n_a + n_b):  # the sink chunks, then the window chunks (one loop: inlined)
+        for c in range(0, n_a + n_b):  # the sink chunks, then the local chunks (one loop: inlined)
             in_a = c < n_a
             j = tl.where(in_a, c * BLOCK_N, b_lo + (c - n_a) * BLOCK_N) + tl.arange(0, BLOCK_N)
             j_ok = (j >= tl.where(in_a, 0, b_lo)) & (j < tl.where(in_a, a_hi, b_hi))
@@ -235,15 +259,16 @@ def _anchor_thresholds(Q, KS, LogTau, Dense, Thr, stride_qb, stride_qh, stride_q
 
 
 def anchor_thresholds_triton(q: torch.Tensor, ks: torch.Tensor, log_tau: torch.Tensor, dense: torch.Tensor, *,
-                             block_size: int, sink_blocks: int, local_blocks: int, causal: bool,
-                             block_m: Optional[int] = None, block_n: Optional[int] = None,
+                             block_q: int, block_k: int, sink_blocks: int, local_blocks: int, seg_blocks: int,
+                             causal: bool, block_m: Optional[int] = None, block_n: Optional[int] = None,
                              precision: Optional[str] = None) -> torch.Tensor:
     """SALE's pass 1: per query row, ``thr = m + log(tau_h) + log(l)`` over its anchor keys.
 
-    ``m`` and ``l`` are the max and ``sum exp(s - m)`` of ``s = q . ks / sqrt(D)`` over the sink
-    keys ``[0, min(sink_blocks * block_size, Lk))`` and the window of ``local_blocks + 2`` blocks
-    from key block ``d_lo(I) - local_blocks`` (``d_lo(I)``: the key block of query block ``I``'s
-    first position), keys past the sink only, causal (bottom-right) when ``causal``.
+    ``m`` and ``l`` are the max and ``sum exp(s - m)`` of ``s = q . ks / sqrt(D)`` over the
+    anchor of the row's query block (``block_q`` rows): the keys of the ``sink_blocks`` first key
+    tiles (``block_k`` keys each) and of its local tiles, from ``sale_local_start`` (at least
+    ``local_blocks`` tiles, segments of ``seg_blocks`` tiles) to its last visible tile, causal
+    (bottom-right) when ``causal``.
 
     Args:
         q: ``[B, Hq, Lq, D]`` fp16 / bf16 / fp32, any strides (not smoothed).
@@ -267,23 +292,23 @@ def anchor_thresholds_triton(q: torch.Tensor, ks: torch.Tensor, log_tau: torch.T
         raise ValueError(f"q and ks must be on one device, got {q.device} and {ks.device}")
     Hkv, Lk = ks.shape[1], ks.shape[2]
     _check_heads(log_tau, dense, Hq, q.device)
-    _check_geometry(block_size, sink_blocks, local_blocks, causal)
+    _check_geometry(block_q, block_k, sink_blocks, local_blocks, seg_blocks, causal)
     precision = precision or ("ieee" if triton_interpreting() else "tf32x3")
     if precision not in ANCHOR_PRECISIONS:
         raise ValueError(f"precision must be one of {list(ANCHOR_PRECISIONS)}, got {precision!r}")
     thr = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
     if thr.numel() == 0 or Lk == 0:
         return thr.fill_(float("inf"))
-    bsp = padded_block(block_size)
+    bsp = padded_block(block_q)
     block_m = min(_pow2(block_m if block_m is not None else 64, 16), bsp)
     block_n = _pow2(block_n if block_n is not None else 64, 16)
     n_sub = bsp // block_m
-    nQ = triton.cdiv(Lq, block_size)
+    nQ = triton.cdiv(Lq, block_q)
     _anchor_thresholds[(nQ * n_sub, B * Hq)](
-        q, ks, log_tau, dense.view(torch.uint8), thr, *q.stride(), Hq, Hq // Hkv, Lq, Lk, n_sub,
-        min(sink_blocks * block_size, Lk), local_blocks, 1.0 / math.sqrt(D),
-        BLOCK_SIZE=block_size, HEAD_DIM=D, D_PAD=_pow2(D, 16), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
-        PRECISION=precision, ACCURATE=q.is_cuda and not triton_interpreting(), num_warps=4,
+        q, ks, log_tau, dense.view(torch.uint8), thr, *q.stride(), Hq, Hq // Hkv, Lq, Lk, triton.cdiv(Lk, block_k),
+        n_sub, sink_blocks, local_blocks, seg_blocks, 1.0 / math.sqrt(D),
+        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=D, D_PAD=_pow2(D, 16), BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=causal, PRECISION=precision, ACCURATE=q.is_cuda and not triton_interpreting(), num_warps=4,
         enable_fp_fusion=False)
     return thr
 
@@ -291,41 +316,33 @@ def anchor_thresholds_triton(q: torch.Tensor, ks: torch.Tensor, log_tau: torch.T
 # ----------------------------------------------------------------------------- pass 2: low-bit estimate
 @triton.jit
 def _estimate_blocks(QI, SQ, KI, SK, QMK, Thr, Dense, Mask, Hq, group, Lq, Lk, nQ, nK, n_qt, sink_blocks,
-                     local_blocks, scale,
-                     BLOCK_SIZE: tl.constexpr, BSP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, QBT: tl.constexpr,
-                     TPB: tl.constexpr, SPLIT: tl.constexpr, CAUSAL: tl.constexpr, INT8_DOT: tl.constexpr):
+                     local_blocks, seg_blocks, scale,
+                     BLOCK_Q: tl.constexpr, BSP: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     RB: tl.constexpr, QBT: tl.constexpr, TPB: tl.constexpr, SPLIT: tl.constexpr,
+                     CAUSAL: tl.constexpr, INT8_DOT: tl.constexpr):
     # RB rows of one query block per tile, QBT query blocks per tile, TPB key tiles per key block.
     sp = tl.program_id(0)
     qt = n_qt - 1 - tl.program_id(1)  # the longest causal rows start first
     pair = tl.program_id(2)  # batch x query head
     h = pair % Hq
     if tl.load(Dense + h) == 0:  # a dense head keeps every visible block anyway
-        off = Lk - Lq
         i_first = (qt * BLOCK_M) // BSP
         i_last = tl.minimum((qt * BLOCK_M + BLOCK_M - 1) // BSP, nQ - 1)
-        # Key blocks outside every anchor of the tile's query blocks: [sink, d_lo(last) - local)
-        # (d_lo grows with the block), and when not causal also the blocks after d_hi(first).
-        d_lo = tl.maximum(off + i_last * BLOCK_SIZE, 0) // BLOCK_SIZE
-        r1_lo = sink_blocks
-        r1_hi = tl.maximum(tl.minimum(d_lo - local_blocks, nK), r1_lo)
-        t1 = (r1_hi - r1_lo) * TPB
-        r2_lo = r1_hi
-        t2 = 0
-        if not CAUSAL:
-            last = off + tl.minimum((i_first + 1) * BLOCK_SIZE, Lq) - 1
-            d_hi = tl.where(last >= 0, tl.maximum(last, 0) // BLOCK_SIZE, -1)
-            r2_lo = tl.maximum(tl.maximum(d_hi + 1, sink_blocks), r1_hi)
-            t2 = tl.maximum(nK - r2_lo, 0) * TPB
+        # The key blocks some query block of the tile estimates: [sink, start(last)) (the local
+        # start grows with the block; blocks a smaller one holds as anchor are ORed over later).
+        start, _ = _local_start(i_last, Lq, Lk, nK, sink_blocks, local_blocks, seg_blocks, BLOCK_Q, BLOCK_K, CAUSAL)
+        r_lo = sink_blocks
+        r_hi = tl.maximum(tl.minimum(start, nK), r_lo)
         t_lo = sp * SPLIT
-        t_hi = tl.minimum(t_lo + SPLIT, t1 + t2)
+        t_hi = tl.minimum(t_lo + SPLIT, (r_hi - r_lo) * TPB)
         if t_lo < t_hi:
             b = pair // Hq
             kv = (b * (Hq // group) + h // group).to(tl.int64)
             slot = qt * BLOCK_M + tl.arange(0, BLOCK_M)
             r_in = slot % BSP
-            row = (slot // BSP) * BLOCK_SIZE + r_in
-            row_ok = (r_in < BLOCK_SIZE) & (row < Lq)
+            row = (slot // BSP) * BLOCK_Q + r_in
+            row_ok = (r_in < BLOCK_Q) & (row < Lq)
             rows = pair.to(tl.int64) * Lq + row
             offs_d = tl.arange(0, D_PAD)
             d_ok = offs_d < HEAD_DIM
@@ -339,11 +356,11 @@ def _estimate_blocks(QI, SQ, KI, SK, QMK, Thr, Dense, Mask, Hq, group, Lq, Lk, n
             blocks = i_first + tl.arange(0, QBT)
             out_rows = Mask + (pair.to(tl.int64) * nQ + blocks) * nK
             for t in range(t_lo, t_hi):
-                tile = tl.where(t < t1, r1_lo * TPB + t, r2_lo * TPB + (t - t1))
+                tile = r_lo * TPB + t
                 n = tile // TPB  # the key block of this tile
                 c_in = (tile % TPB) * BLOCK_N + tl.arange(0, BLOCK_N)
-                key = n * BLOCK_SIZE + c_in
-                k_ok = (c_in < BLOCK_SIZE) & (key < Lk)
+                key = n * BLOCK_K + c_in
+                k_ok = (c_in < BLOCK_K) & (key < Lk)
                 ki = tl.load(ki_base + key.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
                              mask=k_ok[:, None] & d_ok[None, :], other=0)
                 sk = tl.load(sk_base + key, mask=k_ok, other=1.0)
@@ -380,10 +397,12 @@ class SaleConfig(NamedTuple):
     anchor_precision: str = "tf32x3"
 
 
-# Hopper, 16-bit operands: a 128 x 64 fp32 tile (one 64-key block per step, so the row max per
-# block needs no reshape of the MMA tile), 32 steps per program for causal load balance.
-# Not yet swept on the H100; `config=` overrides.
-_CONFIG_GPU = SaleConfig(128, 64, 32, 4, 3)
+# Hopper: 128-row tiles, 32 steps per program for causal load balance, int8 x int8 -> int32
+# products (twice the fp16 tensor-core rate; the integer sums are exact either way). H100,
+# 2026-11-24, scripts/sweep_sale.py (9/3/64, 32K, 64 x 32 tiles, us): fp16 128x64x32 3121, int8
+# 128x64x32 2866, 128x32x32 2850, 128x64x64 2841, 256x32x32 (8 warps) 2879, 64x32x32 3466.
+# `config=` overrides.
+_CONFIG_GPU = SaleConfig(128, 64, 32, 4, 3, int8_dot=True)
 # The interpreter pays per operation, not per element: large tiles (the kernel tests pass small
 # ones to exercise the multi-tile paths).
 _CONFIG_INTERPRET = SaleConfig(64, 64, 16, 4, 1, anchor_block_m=64, anchor_block_n=64, anchor_precision="ieee")
@@ -402,9 +421,9 @@ def _check_heads(log_tau, dense, Hq, device):
         raise ValueError(f"log_tau and dense must be contiguous tensors on {device}")
 
 
-def _check_geometry(block_size, sink_blocks, local_blocks, causal):
-    for name, v, lo in (("block_size", block_size, 1), ("sink_blocks", sink_blocks, 0),
-                        ("local_blocks", local_blocks, 0)):
+def _check_geometry(block_q, block_k, sink_blocks, local_blocks, seg_blocks, causal):
+    for name, v, lo in (("block_q", block_q, 1), ("block_k", block_k, 1), ("sink_blocks", sink_blocks, 0),
+                        ("local_blocks", local_blocks, 0), ("seg_blocks", seg_blocks, 1)):
         if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     if not isinstance(causal, bool):
@@ -423,10 +442,10 @@ def _check_config(cfg: SaleConfig) -> SaleConfig:
 
 
 def estimate_block_mask_triton(q_int: torch.Tensor, sq: torch.Tensor, k_int: torch.Tensor, sk: torch.Tensor,
-                               qmk: torch.Tensor, thr: torch.Tensor, dense: torch.Tensor, *, block_size: int,
-                               sink_blocks: int, local_blocks: int, causal: bool,
+                               qmk: torch.Tensor, thr: torch.Tensor, dense: torch.Tensor, *, block_q: int,
+                               block_k: int, sink_blocks: int, local_blocks: int, seg_blocks: int, causal: bool,
                                config: Optional[tuple] = None) -> torch.Tensor:
-    """SALE's pass 2: which key blocks hold a pair whose low-bit logit reaches its row threshold.
+    """SALE's pass 2: which key tiles hold a pair whose low-bit logit reaches its row threshold.
 
     For query head ``h`` (key head ``h // (Hq // Hkv)``), row ``i`` and key ``j``:
     ``est = (q_int_i . k_int_j) * sk_j * sq_i + qmk_j`` and the pair passes when
@@ -438,14 +457,14 @@ def estimate_block_mask_triton(q_int: torch.Tensor, sq: torch.Tensor, k_int: tor
         sq, sk: float32 ``[B, Hq, Lq]`` / ``[B, Hkv, Lk]`` per-token scales; qmk: float32
             ``[B, Hq, Lk]``; thr: float32 ``[B, Hq, Lq]``; all contiguous.
         dense: bool ``[Hq]``: heads not estimated (their rows stay 0).
-        block_size, sink_blocks, local_blocks, causal: the plan's geometry (``local_blocks`` =
-            ``cdiv(local_window, block_size)``).
+        block_q, block_k, sink_blocks, local_blocks, seg_blocks, causal: the plan's geometry (query
+            blocks, key tiles, and the anchor as in ``methods.sale.sale_local_start``).
         config: a :class:`SaleConfig` (or its fields); ``int8_dot`` must match ``q_int``'s dtype.
     Returns:
-        uint8 ``[B, Hq, nQ, nK]``: for every visible key block outside the anchor (sink,
-        ``local_blocks`` before the diagonal, the diagonal) of a non-dense head, 1 when some pair
-        passes, else 0. Entries of anchor or invisible blocks are 0 or 1 (meaningless: the caller
-        ORs the anchor and ANDs the visible blocks). No host sync.
+        uint8 ``[B, Hq, nQ, nK]`` (``block_q`` x ``block_k`` tiles): for every tile between the
+        sink and the local start of its query block, of a non-dense head, 1 when some pair passes,
+        else 0. Entries of anchor or invisible tiles are 0 or 1 (meaningless: the caller ORs the
+        anchor and ANDs the visible tiles). No host sync.
     """
     for name, t in (("q_int", q_int), ("k_int", k_int)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in (torch.float16, torch.int8) \
@@ -462,39 +481,39 @@ def estimate_block_mask_triton(q_int: torch.Tensor, sq: torch.Tensor, k_int: tor
     if (not isinstance(dense, torch.Tensor) or dense.dtype != torch.bool or tuple(dense.shape) != (Hq,)
             or dense.device != q_int.device):
         raise ValueError(f"dense must be a bool [Hq={Hq}] tensor on {q_int.device}")
-    _check_geometry(block_size, sink_blocks, local_blocks, causal)
+    _check_geometry(block_q, block_k, sink_blocks, local_blocks, seg_blocks, causal)
     cfg = _check_config(config if config is not None else default_config())
     if cfg.int8_dot != (q_int.dtype == torch.int8):
         raise ValueError(f"config.int8_dot={cfg.int8_dot} does not match q_int's dtype {q_int.dtype}")
-    nQ, nK = triton.cdiv(Lq, block_size), triton.cdiv(Lk, block_size)
+    nQ, nK = triton.cdiv(Lq, block_q), triton.cdiv(Lk, block_k)
     mask = torch.zeros(B, Hq, nQ, nK, dtype=torch.uint8, device=q_int.device)
     if mask.numel() == 0:
         return mask
-    bsp = padded_block(block_size)
-    block_n = min(cfg.block_n, bsp)
+    bsp, bspk = padded_block(block_q), padded_block(block_k)
+    block_n = min(cfg.block_n, bspk)
     n_qt = triton.cdiv(nQ * bsp, cfg.block_m)
-    n_split = triton.cdiv(nK * (bsp // block_n), cfg.split)
+    n_split = triton.cdiv(nK * (bspk // block_n), cfg.split)
     _estimate_blocks[(n_split, n_qt, B * Hq)](
         q_int, sq, k_int, sk, qmk, thr, dense.view(torch.uint8), mask, Hq, Hq // Hkv, Lq, Lk, nQ, nK, n_qt,
-        sink_blocks, local_blocks, 1.0 / math.sqrt(D),
-        BLOCK_SIZE=block_size, BSP=bsp, HEAD_DIM=D, D_PAD=_pow2(D, 16), BLOCK_M=cfg.block_m, BLOCK_N=block_n,
-        RB=min(cfg.block_m, bsp), QBT=max(1, cfg.block_m // bsp), TPB=bsp // block_n, SPLIT=cfg.split,
-        CAUSAL=causal, INT8_DOT=cfg.int8_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        enable_fp_fusion=False)
+        sink_blocks, local_blocks, seg_blocks, 1.0 / math.sqrt(D),
+        BLOCK_Q=block_q, BSP=bsp, BLOCK_K=block_k, HEAD_DIM=D, D_PAD=_pow2(D, 16), BLOCK_M=cfg.block_m,
+        BLOCK_N=block_n, RB=min(cfg.block_m, bsp), QBT=max(1, cfg.block_m // bsp), TPB=bspk // block_n,
+        SPLIT=cfg.split, CAUSAL=causal, INT8_DOT=cfg.int8_dot, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, enable_fp_fusion=False)
     return mask
 
 
 # ----------------------------------------------------------------------------- the whole estimate
 def sale_estimate_triton(q: torch.Tensor, k: torch.Tensor, log_tau: torch.Tensor, dense: torch.Tensor, *,
-                         block_size: int, bits: int, local_blocks: int, sink_blocks: int, causal: bool,
-                         config: Optional[tuple] = None) -> torch.Tensor:
+                         block_q: int, block_k: int, bits: int, local_blocks: int, seg_blocks: int,
+                         sink_blocks: int, causal: bool, config: Optional[tuple] = None) -> torch.Tensor:
     """SALE's low-bit pass mask (the steps of ``SALE._plan`` before the anchor / visible union).
 
     Args:
         q: ``[B, Hq, Lq, D]``, k: ``[B, Hkv, Lk, D]``: fp16 / bf16 / fp32, any strides.
         log_tau: float32 ``[Hq]`` = ``log(threshold)``; dense: bool ``[Hq]`` = ``threshold < 1e-5``.
-        block_size, bits, sink_blocks, causal: as in ``SALE``; local_blocks =
-            ``cdiv(local_window, block_size)``.
+        block_q, block_k, bits, sink_blocks, causal: as in ``SALE`` (``block_size``, ``block_k``, ...);
+            local_blocks = ``cdiv(local_window, block_k)``, seg_blocks = ``block_seg // block_k``.
         config: a :class:`SaleConfig` overriding the default tiles.
     Returns:
         uint8 ``[B, Hq, nQ, nK]`` (see :func:`estimate_block_mask_triton`). Seven launches (two
@@ -515,8 +534,8 @@ def sale_estimate_triton(q: torch.Tensor, k: torch.Tensor, log_tau: torch.Tensor
     q_int, sq, _ = smooth_quantize_triton(q, q_mean, bits, out_dtype=int_dtype)
     k_int, sk, ks = smooth_quantize_triton(k, k_mean, bits, out_dtype=int_dtype, keep_smoothed=True)
     qmk = torch.matmul(q_mean.reshape(B, Hkv, G, D), ks.transpose(-1, -2)).reshape(B, Hq, Lk)
-    thr = anchor_thresholds_triton(q, ks, log_tau, dense, block_size=block_size, sink_blocks=sink_blocks,
-                                   local_blocks=local_blocks, causal=causal, block_m=cfg.anchor_block_m,
+    geo = dict(block_q=block_q, block_k=block_k, sink_blocks=sink_blocks, local_blocks=local_blocks,
+               seg_blocks=seg_blocks, causal=causal)
+    thr = anchor_thresholds_triton(q, ks, log_tau, dense, **geo, block_m=cfg.anchor_block_m,
                                    block_n=cfg.anchor_block_n, precision=cfg.anchor_precision)
-    return estimate_block_mask_triton(q_int, sq, k_int, sk, qmk, thr, dense, block_size=block_size,
-                                      sink_blocks=sink_blocks, local_blocks=local_blocks, causal=causal, config=cfg)
+    return estimate_block_mask_triton(q_int, sq, k_int, sk, qmk, thr, dense, **geo, config=cfg)

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 
 from ..plan import BlockPlan
 from .base import (ESTIMATE_CHUNK_ELEMENTS, PerHead, PrefillMethod, cdiv, check_choice, check_float, check_int,
-                   check_per_head, forced_blocks, head_values, query_block_positions, use_triton_estimator,
-                   visible_blocks)
+                   check_per_head, head_values, query_block_positions, use_triton_estimator, visible_blocks)
 from .registry import register
 
 
@@ -31,6 +30,33 @@ def quantize_per_token(x: torch.Tensor, bits: int):
     return torch.round(x / scale).clamp_(-qmax, qmax), scale
 
 
+def sale_local_start(nQ: int, *, block_q: int, block_k: int, q_len: int, k_len: int, sink_blocks: int,
+                     local_blocks: int, seg_blocks: int, causal: bool, device) -> torch.Tensor:
+    """int64 ``[nQ]``: the first key tile of each query block's local anchor (SALE's official rule).
+
+    The official kernel (``flash_fwd_int4_sparse_kernel_v2.h``) walks the ``n_max`` key tiles a
+    query block may see (causal: up to its last query; else all): the ``sink_blocks`` first tiles
+    and at least ``local_blocks`` last tiles are computed exactly (the anchor), and the tiles
+    between them are tested by the low-bit estimate in whole segments of ``seg_blocks`` tiles, so
+    the local part grows until what lies between is a whole number of segments: with
+    ``n = n_max - sink_blocks`` tiles past the sink it tests ``max(0, (n - local_blocks) //
+    seg_blocks)`` segments (the official ``n_segs - n_supplement_seg``) and the anchor starts after
+    them. The tiles holding the block's own queries are always local (the official window of 128
+    keys covers them; here also for smaller windows), so the estimate never meets a future key.
+    """
+    nK = cdiv(k_len, block_k)
+    first, last = query_block_positions(nQ, block_q, q_len, k_len, device)
+    if causal:
+        n_max = torch.clamp(torch.div(last + 1 + block_k - 1, block_k, rounding_mode="floor"), 0, nK)
+    else:
+        n_max = torch.full_like(first, nK)
+    segs = torch.clamp(torch.div(n_max - sink_blocks - local_blocks, seg_blocks, rounding_mode="floor"), min=0)
+    start = sink_blocks + segs * seg_blocks
+    if causal:
+        return torch.minimum(start, first.clamp(min=0) // block_k)
+    return torch.minimum(start, (n_max - 1).clamp(min=0))
+
+
 @register
 @dataclass(kw_only=True)
 class SALE(PrefillMethod):
@@ -42,36 +68,41 @@ class SALE(PrefillMethod):
        ``(sq_i sk_j <q_int_i, k_int_j> + <mean(q), k_j - mean(k)>) / sqrt(D)``, i.e. the official
        int4 product plus its ``qmk`` correction; shifting every key by ``mean(k)`` changes each row
        by a constant, so softmax ratios are unchanged. Integer products are exact in fp32.
-    2. **Pass 1, anchors (full precision).** Each query row's max ``m_i`` and sum
-       ``l_i = sum exp(s_ij - m_i)`` over the anchor: the ``sink_blocks`` first key blocks, the
-       diagonal block(s) and ``ceil(local_window / block_size)`` blocks before them (causal).
-    3. **Pass 2, relative attention score.** A visible key block is kept when some (query, key)
-       pair in its tile has ``exp(est_ij - m_i) / l_i >= threshold_h``, tested as
-       ``est_ij >= m_i + log(threshold_h * l_i)``. The anchor blocks are always kept.
+    2. **Pass 1, anchors (full precision).** Query blocks of ``block_size`` rows, key tiles of
+       ``block_k`` keys. Each query row's max ``m_i`` and sum ``l_i = sum exp(s_ij - m_i)`` over
+       its anchor: the ``sink_blocks`` first key tiles and the local tiles, at least
+       ``ceil(local_window / block_k)`` tiles up to the block's last query, extended (official
+       rule, :func:`sale_local_start`) so that the tiles between sink and local form whole
+       segments of ``block_seg`` keys (causal).
+    3. **Pass 2, relative attention score.** A tile between sink and local is kept when some
+       (query, key) pair in it has ``exp(est_ij - m_i) / l_i >= threshold_h``, tested as
+       ``est_ij >= m_i + log(threshold_h * l_i)``. The anchor tiles are always kept. The plan has
+       ``block_q = block_size`` and ``block_k`` (the official 64 x 32 tiles by default).
 
-    Granularity: the official tiles are 64 queries x 32 keys; a plan block of ``block_size`` keys
-    is kept when either of its 32-key halves would be (so the plan computes a superset of the
-    official tiles with the default ``block_size=64``). ``threshold`` may be per query head (the
-    official calibrated ``dynamic_<x>.pt`` tables) or a per-(layer, head) table (a path to a JSON file
-    from :func:`calibrate_sale_thresholds` / :func:`save_sale_thresholds` loads one); a head whose
-    threshold is below ``1e-5`` keeps every visible block (official rule, spec section 6). GQA policy: ``"per_q_head"`` (the official kernel reads per-query-head
-    thresholds and records per-query-head tiles; plan ``H = Hq``) or ``"group_union"``
-    (``H = Hkv``). Inputs with ``Lq <= dense_len`` get the dense plan, as the official wrapper
-    falls back to SDPA there.
+    ``threshold`` may be per query head (the official calibrated ``dynamic_<x>.pt`` tables) or a
+    per-(layer, head) table (a path to a JSON file from :func:`calibrate_sale_thresholds` /
+    :func:`save_sale_thresholds` loads one); a head whose threshold is below ``1e-5`` keeps every
+    visible block (official rule, spec section 6). GQA policy: ``"per_q_head"`` (the official
+    kernel reads per-query-head thresholds and records per-query-head tiles; plan ``H = Hq``) or
+    ``"group_union"`` (``H = Hkv``). Inputs with ``Lq <= dense_len`` get the dense plan, as the
+    official wrapper falls back to SDPA there. Not causal: the official kernel's rule with every
+    key visible (the local tiles are then the last ones of the sequence).
 
     Not reproduced: the int4 tensor-core GEMM and the per-warp (``quant_mode=3``) scale layout,
     which depends on the MMA fragment layout; this estimate uses per-token scales (the official
     ``quant_mode=2``). The official kernel also fuses the computation pass; here the kernel runs
-    the plan. Ambiguity resolved here: the anchor's local window is block-rounded to cover
-    ``local_window`` tokens before every query of the block.
+    the plan.
 
-    Defaults (source: BirdChristopher/SALE ``README.md`` and ``int4_flash_attn/flash_attn_int4_skip.py``
-    ``flash_attn_func_int4_skip``): ``block_size=64`` (``block_q_size``), ``local_window=128``,
-    ``threshold=0.004`` (README example for all heads), ``bits=4`` (int4), ``dense_len=1024``
-    (``if q_len <= 1024``: SDPA). ``sink_blocks=1`` is the first key tile of the anchor (spec
-    section 6). Estimation cost: ``Lq * Lk * D`` low-bit multiply-adds per query head (the method's
-    own cost model: an element-wise estimate over the causal area) plus the anchor.
-    Memory: query rows are processed in chunks of whole blocks near ``ESTIMATE_CHUNK_ELEMENTS``.
+    Defaults (source: BirdChristopher/SALE ``README.md``, ``int4_flash_attn/flash_attn_int4_skip.py``
+    ``flash_attn_func_int4_skip`` and its call in ``kv_retrieve_calib.py`` / the README:
+    ``block_q_size=64, block_k_size=32, local_window=128, block_seg_size=128``):
+    ``block_size=64`` (``block_q_size``), ``block_k=32`` (``block_k_size``), ``local_window=128``,
+    ``block_seg=128``, ``threshold=0.004`` (README example for all heads), ``bits=4`` (int4),
+    ``dense_len=1024`` (``if q_len <= 1024``: SDPA); ``sink_blocks=1``: the kernel's one sink tile
+    (``n_blocks_wo_sink = n_block_max - 1``). Estimation cost: ``Lq * Lk * D`` low-bit
+    multiply-adds per query head (the method's own cost model: an element-wise estimate over the
+    causal area) plus the anchor. Memory: query rows are processed in chunks of whole blocks near
+    ``ESTIMATE_CHUNK_ELEMENTS``.
 
     On CUDA (fp16 / bf16 / fp32 inputs) the same plan comes from Triton kernels
     (``kernels/sale_triton.py``: the low-bit products on the tensor cores, no ``[L, L]`` tensor,
@@ -83,9 +114,11 @@ class SALE(PrefillMethod):
     reads_values: ClassVar[bool] = False  # the estimate reads q and k only
 
     block_size: int = 64
+    block_k: int = 32
     threshold: PerHead = 0.004
     bits: int = 4
     local_window: int = 128
+    block_seg: int = 128
     sink_blocks: int = 1
     dense_len: int = 1024
     gqa_policy: str = "per_q_head"
@@ -97,17 +130,37 @@ class SALE(PrefillMethod):
         self.threshold = check_per_head("threshold", self.threshold, lambda n, x: check_float(n, x, minimum=0.0))
         if self.bits not in (4, 8) or isinstance(self.bits, bool):
             raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
+        check_int("block_k", self.block_k, minimum=1)
         check_int("local_window", self.local_window, minimum=0)
+        check_int("block_seg", self.block_seg, minimum=1)
+        if self.block_seg % self.block_k:
+            raise ValueError(f"block_seg ({self.block_seg}) must be a multiple of block_k ({self.block_k}): "
+                             "segments hold whole key tiles")
         check_int("sink_blocks", self.sink_blocks, minimum=0)
         check_int("dense_len", self.dense_len, minimum=0)
         check_choice("gqa_policy", self.gqa_policy, ("per_q_head", "group_union"))
 
+    def _geometry(self, Lq: int, Lk: int) -> dict:
+        return dict(block_q=self.block_size, block_k=self.block_k, q_len=Lq, k_len=Lk)
+
+    def _anchor_tiles(self, Lq, Lk, *, causal, device):
+        """(bool ``[nQ, nK]`` anchor tiles, int64 ``[nQ]`` first local tile, bool ``[nQ, nK]`` visible)."""
+        geo = self._geometry(Lq, Lk)
+        nQ, nK = cdiv(Lq, self.block_size), cdiv(Lk, self.block_k)
+        start = sale_local_start(nQ, **geo, sink_blocks=self.sink_blocks,
+                                 local_blocks=cdiv(self.local_window, self.block_k),
+                                 seg_blocks=self.block_seg // self.block_k, causal=causal, device=device)
+        n = torch.arange(nK, device=device).view(1, -1)
+        visible = visible_blocks(**geo, causal=causal, device=device)
+        anchor = ((n < self.sink_blocks) | (n >= start.view(-1, 1))) & visible
+        return anchor, start, visible
+
     def _plan(self, q, k, v, *, causal, layer_idx):
         B, Hq, Lq, D = q.shape
         Hkv, Lk = k.shape[1], k.shape[2]
-        G, bs, dev = Hq // Hkv, self.block_size, q.device
-        geo = dict(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk)
-        nQ, nK = cdiv(Lq, bs), cdiv(Lk, bs)
+        G, bq, bk, dev = Hq // Hkv, self.block_size, self.block_k, q.device
+        geo = self._geometry(Lq, Lk)
+        nQ, nK = cdiv(Lq, bq), cdiv(Lk, bk)
         if Lq <= self.dense_len:
             return BlockPlan.dense(1, 1, **geo, causal=causal, device=dev)
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -128,59 +181,40 @@ class SALE(PrefillMethod):
         qmk = torch.matmul(q_mean.reshape(B, Hkv, G, D), ks.transpose(-1, -2)).reshape(B, Hq, 1, Lk)  # mean(q) . ks_j
         k_int_t = k_int.to(torch.float32).transpose(-1, -2)  # integer products are exact in fp32
         sk_t = sk.transpose(-1, -2).reshape(B, Hkv, 1, 1, Lk)
+        ks_t = ks.transpose(-1, -2)
 
-        # Anchor geometry: sink keys [0, sink_end) and a local window of W blocks per query block.
-        lb = cdiv(self.local_window, bs)
-        sink_end = min(self.sink_blocks * bs, Lk)
-        first, last = query_block_positions(nQ, bs, Lq, Lk, dev)
-        d_lo = first.clamp(min=0) // bs
-        W = lb + 2  # local blocks + up to two diagonal blocks (a straddling bottom-right offset)
-        win = ((d_lo - lb).reshape(-1, 1) * bs + torch.arange(W * bs, device=dev).reshape(1, -1))  # [nQ, W*bs]
-        win_ok = (win >= sink_end) & (win < Lk)  # sink keys are counted once, in the sink part
-        win = win.clamp(0, max(Lk - 1, 0))
-        visible = visible_blocks(**geo, causal=causal, device=dev)
-        anchor = forced_blocks(**geo, sink_blocks=self.sink_blocks, local_blocks=lb, diagonal=True,
-                               device=dev) & visible
+        anchor, _, visible = self._anchor_tiles(Lq, Lk, causal=causal, device=dev)
         j = torch.arange(Lk, device=dev)
+        anchor_keys = anchor[:, j // bk]  # [nQ, Lk]: the anchor of each query block, as keys
 
-        per_block = B * Hq * bs * (Lk + sink_end + W * bs)
-        chunk = max(1, ESTIMATE_CHUNK_ELEMENTS // max(1, per_block))
+        chunk = max(1, ESTIMATE_CHUNK_ELEMENTS // max(1, 2 * B * Hq * bq * Lk))
         keep = []
         for m0 in range(0, nQ, chunk):  # a handful of chunks, for memory only
             m1 = min(nQ, m0 + chunk)
-            nm, R = m1 - m0, (m1 - m0) * bs
-            r = torch.arange(m0 * bs, m1 * bs, device=dev)
+            nm, R = m1 - m0, (m1 - m0) * bq
+            r = torch.arange(m0 * bq, m1 * bq, device=dev)
             row_ok = (r < Lq).reshape(-1, 1)
             pos = (Lk - Lq + r).reshape(-1, 1)  # absolute positions of the chunk's rows
-            qc = F.pad(qf[:, :, m0 * bs:m1 * bs], (0, 0, 0, R - min(R, Lq - m0 * bs)))  # [B, Hq, R, D]
+            seen = row_ok & ((j.reshape(1, -1) <= pos) | (not causal))  # [R, Lk]
+            pad = R - min(R, Lq - m0 * bq)
             # Pass 1: exact anchor statistics per row.
-            s_sink = torch.matmul(qc.reshape(B, Hkv, G * R, D), ks[:, :, :sink_end].transpose(-1, -2))
-            s_sink = s_sink.reshape(B, Hq, R, sink_end) * scale
-            s_sink = s_sink.masked_fill(~(row_ok & ((j[:sink_end].reshape(1, -1) <= pos) | (not causal))), float("-inf"))
-            idx = win[m0:m1]  # [nm, W*bs]
-            kw = ks[:, :, idx.reshape(-1)].reshape(B, Hkv, nm, W * bs, D)
-            s_loc = torch.einsum("bkgmrd,bkmjd->bkgmrj", qc.reshape(B, Hkv, G, nm, bs, D), kw) * scale
-            loc_ok = win_ok[m0:m1].reshape(nm, 1, -1) & row_ok.reshape(nm, bs, 1)
-            if causal:
-                loc_ok = loc_ok & (idx.reshape(nm, 1, -1) <= pos.reshape(nm, bs, 1))
-            s_loc = s_loc.reshape(B, Hq, nm, bs, W * bs).masked_fill(~loc_ok, float("-inf")).reshape(B, Hq, R, W * bs)
-            s_anchor = torch.cat([s_sink, s_loc], dim=-1)
-            m_i = s_anchor.amax(-1, keepdim=True)  # [B, Hq, R, 1]
-            l_i = torch.exp(s_anchor - m_i.nan_to_num(neginf=0.0)).sum(-1, keepdim=True)
-            del s_sink, s_loc, s_anchor, kw
+            qc = F.pad(qf[:, :, m0 * bq:m1 * bq], (0, 0, 0, pad))  # [B, Hq, R, D]
+            s = torch.matmul(qc.reshape(B, Hkv, G * R, D), ks_t).reshape(B, Hq, R, Lk) * scale
+            s = s.masked_fill(~(seen & anchor_keys[m0:m1].repeat_interleave(bq, 0)), float("-inf"))
+            m_i = s.amax(-1, keepdim=True)  # [B, Hq, R, 1]
+            l_i = torch.exp(s - m_i.nan_to_num(neginf=0.0)).sum(-1, keepdim=True)
+            del s
             # Pass 2: low-bit estimate against the per-row threshold m_i + log(tau * l_i).
             thr = m_i + log_tau + torch.log(l_i)
             thr = torch.where(torch.isfinite(m_i), thr, torch.full_like(thr, float("inf")))  # rows that see nothing
-            qi = F.pad(q_int[:, :, m0 * bs:m1 * bs], (0, 0, 0, R - min(R, Lq - m0 * bs))).to(torch.float32)
+            qi = F.pad(q_int[:, :, m0 * bq:m1 * bq], (0, 0, 0, pad)).to(torch.float32)
             dots = torch.matmul(qi.reshape(B, Hkv, G * R, D), k_int_t).reshape(B, Hkv, G, R, Lk).to(dt)
-            sqc = F.pad(sq[:, :, m0 * bs:m1 * bs], (0, 0, 0, R - min(R, Lq - m0 * bs)))
+            sqc = F.pad(sq[:, :, m0 * bq:m1 * bq], (0, 0, 0, pad))
             est = (dots * sk_t * sqc.reshape(B, Hkv, G, R, 1)).reshape(B, Hq, R, Lk) + qmk
             del dots
-            passed = (est * scale >= thr) & row_ok
-            if causal:
-                passed = passed & (j.reshape(1, -1) <= pos)
+            passed = (est * scale >= thr) & seen
             del est
-            passed = F.pad(passed, (0, nK * bs - Lk)).reshape(B, Hq, nm, bs, nK, bs).any(5).any(3)
+            passed = F.pad(passed, (0, nK * bk - Lk)).reshape(B, Hq, nm, bq, nK, bk).any(5).any(3)
             keep.append(passed)
         dense_head = (tau < 1e-5).reshape(1, Hq, 1, 1)  # official: such a head is not sparsified
         keep = (torch.cat(keep, dim=2) | anchor | dense_head) & visible
@@ -195,18 +229,16 @@ class SALE(PrefillMethod):
 
         B, Hq, Lq, _ = q.shape
         Hkv, Lk = k.shape[1], k.shape[2]
-        bs, dev = self.block_size, q.device
-        geo = dict(block_q=bs, block_k=bs, q_len=Lq, k_len=Lk)
-        lb = cdiv(self.local_window, bs)
         dense = tau < 1e-5  # official: such a head is not sparsified
-        passed = sale_estimate_triton(q, k, log_tau, dense, block_size=bs, bits=self.bits, local_blocks=lb,
-                                      sink_blocks=self.sink_blocks, causal=causal)
-        visible = visible_blocks(**geo, causal=causal, device=dev)
-        anchor = forced_blocks(**geo, sink_blocks=self.sink_blocks, local_blocks=lb, diagonal=True, device=dev)
+        passed = sale_estimate_triton(q, k, log_tau, dense, block_q=self.block_size, block_k=self.block_k,
+                                      bits=self.bits, local_blocks=cdiv(self.local_window, self.block_k),
+                                      seg_blocks=self.block_seg // self.block_k, sink_blocks=self.sink_blocks,
+                                      causal=causal)
+        anchor, _, visible = self._anchor_tiles(Lq, Lk, causal=causal, device=q.device)
         keep = (passed.view(torch.bool) | anchor | dense.reshape(1, Hq, 1, 1)) & visible
         if self.gqa_policy == "group_union":
             keep = keep.reshape(B, Hkv, Hq // Hkv, *keep.shape[2:]).any(2)
-        return BlockPlan.from_block_mask(keep, **geo, causal=causal)
+        return BlockPlan.from_block_mask(keep, **self._geometry(Lq, Lk), causal=causal)
 
 
 # ----------------------------------------------------------------------------- per-head calibration
