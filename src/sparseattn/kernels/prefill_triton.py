@@ -420,10 +420,14 @@ EXTRA_STAGES = 2
 # 1.14-1.16 -> 1.07-1.08; band plans (moa) slower paired (2.31 -> 2.39-2.44): unpaired.
 # D=128: pairs slower at 2 stages; unpaired 2 stages beat 3 (block_topk 7.85 -> 6.96,
 # random 35 % 8.77 -> 7.08, vertical_slash 19.4 -> 17.4) except band plans (moa 13.5 vs 14.7).
-# Head dims not listed keep the tuned tile's stages, unpaired.
+# SALE's official 32-key tiles (64 x 32 plans), D=64, H100, 2026-11-24, scripts/sweep_sale.py on
+# structured q/k/v at 32K (BENCHMARKS.md, fidelity, session 16; us, density 0.415, two runs):
+# unpaired 1627 / 1634 (2 stages), 1585 / 1614 (3); paired 1467 / 1439 (2), 1457 / 1494 (3).
+# Other (head_dim, tile, kind) keep the tuned tile's stages, unpaired.
 _SMALL_BLOCK_RULES = {
-    64: {"plain": (True, 2), "extra": (True, 3), "band": (False, 3)},
-    128: {"plain": (False, 2), "extra": (False, 2), "band": (False, 3)},
+    (64, 64): {"plain": (True, 2), "extra": (True, 3), "band": (False, 3)},
+    (128, 64): {"plain": (False, 2), "extra": (False, 2), "band": (False, 3)},
+    (64, 32): {"plain": (True, 2)},
 }
 
 # The paired walk's widest key tile (a sweep may raise it to try pairs of 128-key tiles).
@@ -464,8 +468,8 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
     ``config`` = ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, use_tma])`` overrides the tuned default;
     ``out`` lets tests hand in a poisoned output buffer. ``pack_gqa`` (default per head_dim) packs
     the query heads of a GQA group into one program when the plan is shared by the group.
-    ``pair_blocks`` walks a plan's unmasked blocks two per step where each block is one 64-key
-    tile (default: ``_SMALL_BLOCK_RULES``).
+    ``pair_blocks`` walks a plan's unmasked blocks two per step where each block is one key tile
+    of at most ``PAIR_MAX_BLOCK_N`` keys (default: ``_SMALL_BLOCK_RULES``).
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -517,10 +521,10 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
     # Only tiles cut to a plan's small blocks: two 128-key tiles per step need twice the registers and
     # shared memory of the tuned dense tile.
     small_blocks = plan is not None and block_n == plan_block_k and block_n <= PAIR_MAX_BLOCK_N
-    measured = small_blocks and block_n == 64 and q.dtype != torch.float32
-    rule = _SMALL_BLOCK_RULES.get(D) if measured else None
+    kind = "band" if has_band else "extra" if has_extra else "plain"
+    rule = _SMALL_BLOCK_RULES.get((D, block_n), {}).get(kind) if small_blocks and q.dtype != torch.float32 else None
     if rule is not None:
-        rule_pair, rule_stages = rule["band" if has_band else "extra" if has_extra else "plain"]
+        rule_pair, rule_stages = rule
         if config is None:
             num_stages = rule_stages
         if pair_blocks is None:
