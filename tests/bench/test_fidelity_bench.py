@@ -119,6 +119,11 @@ def test_parse_lengths_and_layers():
         fidelity.parse_methods("xattention[treshold=0.9]")
     assert fidelity.parse_oracle_masses("0.9,95%") == [0.9, 0.95]
     assert fidelity.oracle_name(0.9) == "oracle@90%"
+    assert fidelity.parse_block_size("128") == (128, 128) and fidelity.parse_block_size("64x32") == (64, 32)
+    assert fidelity.block_label(128, 128) == 128 and fidelity.block_label(64, 32) == "64x32"
+    for bad in ("0", "64x", "x32", "64x32x16", "-8", "big"):
+        with pytest.raises(SystemExit, match="block-size"):
+            fidelity.parse_block_size(bad)
 
 
 def test_help_lists_the_flags(capsys):

@@ -154,6 +154,19 @@ def test_oracle_plan_reaches_the_mass_with_the_fewest_blocks():
     assert oracle_plan(q, k, block_q=32, block_k=32, mass=1.0).density() == 1.0
 
 
+def test_oracle_plan_on_a_rectangular_grid():
+    # 32-row query blocks over 16-key tiles (e.g. SALE's 64 x 32): the mass is reached per query
+    # block, and each block keeps the tile of its last query.
+    q, k, v = _qkv(B=1, Hq=2, Hkv=1, Lq=200, Lk=200, D=32, seed=7, sharp=2.5, dtype=torch.float64)
+    plan = oracle_plan(q, k, block_q=32, block_k=16, mass=0.9).validate(causal=True)
+    assert (plan.block_q, plan.block_k) == (32, 16)
+    assert attention_fidelity(q, k, v, plan)["mass_recall"] >= 0.9 - 1e-6
+    bm = block_attention_mass(q, k, block_q=32, block_k=16).double()
+    assert bool(((bm * plan.block_mask()).sum(-1) >= 0.9 * bm.sum(-1) - 1e-12).all())
+    last = torch.clamp((torch.arange(7) + 1) * 32, max=200) - 1
+    assert bool(plan.block_mask()[:, :, torch.arange(7), last // 16].all())
+
+
 def test_oracle_recall_on_random_inputs_gqa_batch():
     q, k, v = _qkv(B=2, Hq=6, Hkv=2, Lq=300, Lk=300, D=16, seed=7)
     plan = oracle_plan(q, k, block_q=32, block_k=32, mass=0.9)

@@ -38,7 +38,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -66,7 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oracle-masses", default=DEFAULT_ORACLE_MASSES,
                    help=f"attention-mass shares of the block oracles reported next to the methods "
                         f"(default: {DEFAULT_ORACLE_MASSES}; '' for none)")
-    p.add_argument("--block-size", type=int, default=128, help="block size of the oracle plans (default: 128)")
+    p.add_argument("--block-size", default="128",
+                   help="block size of the oracle plans: N, or QxK for N-row query blocks over K-key tiles "
+                        "(e.g. 64x32, SALE's official tiles; default: 128)")
     p.add_argument("--layers", default="all", help="comma list of layer indices, or 'all' (default: all)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help=f"output directory for results.json, report.md and the plots (default: {DEFAULT_OUT})")
@@ -126,6 +128,27 @@ def parse_oracle_masses(text: str) -> List[float]:
     return out
 
 
+def parse_block_size(text) -> Tuple[int, int]:
+    """``"128"`` -> (128, 128); ``"64x32"`` -> (64, 32): query block rows, key tile keys."""
+    parts = str(text).lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) <= 0:
+        raise SystemExit(f"--block-size must be a positive N or QxK (e.g. 128, 64x32), got {text!r}")
+    return (sizes[0], sizes[-1])
+
+
+def block_label(bq: int, bk: int):
+    """The oracle's block size as stored in results.json: an int when square (as before), else 'QxK'."""
+    return bq if bq == bk else f"{bq}x{bk}"
+
+
+def _block_words(block) -> str:
+    return f"{block}-blocks" if isinstance(block, int) else f"key tiles of its {block} grid"
+
+
 def oracle_name(mass: float) -> str:
     pct = 100.0 * mass
     return f"oracle@{pct:g}%"
@@ -158,7 +181,7 @@ def _command(args) -> str:
         parts += ["--methods", str(args.methods)]
     if args.oracle_masses != DEFAULT_ORACLE_MASSES:
         parts += ["--oracle-masses", str(args.oracle_masses)]
-    if args.block_size != 128:
+    if str(args.block_size) != "128":
         parts += ["--block-size", str(args.block_size)]
     if str(args.layers).strip().lower() != "all":
         parts += ["--layers", str(args.layers)]
@@ -482,7 +505,7 @@ def write_report(out: Path, res: dict, order_of: Dict[str, List[str]]) -> List[s
         "plan's mask; *out rel err* is ||out_sparse - out_dense|| / ||out_dense||; *min-layer recall* is the worst",
         "layer.",
         "Methods run at their official defaults (configs below). `oracle@X%` is the block oracle: per head and",
-        f"query block, the fewest {meta['block_size']}-blocks holding X % of the exact attention mass (a yardstick;",
+        f"query block, the fewest {_block_words(meta['block_size'])} holding X % of the exact attention mass (a yardstick;",
         "it needs dense attention, so its build time, in parentheses, is not an estimation cost).",
         f"*est. ms/layer* is the wall-clock time of `method.plan(q, k, v)` per layer (all heads) on {run['device']}.",
         "A plan that covers the whole causal area (density 1) computes exactly dense attention; it is measured as",
@@ -531,8 +554,8 @@ def run(args) -> int:
     methods = method_objects(args.methods)
     method_names = list(methods)
     masses = parse_oracle_masses(args.oracle_masses)
-    if args.block_size <= 0:
-        raise SystemExit(f"--block-size must be positive, got {args.block_size}")
+    oracle_bq, oracle_bk = parse_block_size(args.block_size)
+    block = block_label(oracle_bq, oracle_bk)
     if args.threads is not None:
         if args.threads <= 0:
             raise SystemExit(f"--threads must be positive, got {args.threads}")
@@ -566,7 +589,7 @@ def run(args) -> int:
     haystack = str(Path(args.haystack).resolve()) if args.haystack else "generated haystack (seed 0)"
     meta = {"model": str(args.model), "model_class": type(model).__name__, **geo,
             "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "measure_dtype": "float32", "haystack": haystack, "block_size": args.block_size}
+            "measure_dtype": "float32", "haystack": haystack, "block_size": block}
     res = _load_results(path, meta)
     device_name = _env.device_name(device)
     run_info = {"command": _command(args), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -589,7 +612,7 @@ def run(args) -> int:
         for name in order:
             kind = "oracle" if name in oracles else "method"
             config = _jsonable(methods[name].config()) if kind == "method" else {"mass": oracles[name],
-                                                                                 "block": args.block_size}
+                                                                                 "block": block}
             cell = cells.get(name)
             if cell is not None and cell.get("config") != config:
                 print(f"[L={L}] {name}: config changed since results.json was written; recomputing",
@@ -632,8 +655,8 @@ def run(args) -> int:
                 try:
                     t1 = time.perf_counter()
                     if name in oracles:
-                        plan = oracle_plan(q, k, block_q=args.block_size, block_k=args.block_size,
-                                           mass=oracles[name], causal=True)
+                        plan = oracle_plan(q, k, block_q=oracle_bq, block_k=oracle_bk, mass=oracles[name],
+                                           causal=True)
                     else:
                         plan = methods[name].plan(q, k, v, causal=True, layer_idx=layer)
                     if device.type == "cuda":
