@@ -398,7 +398,8 @@ class PrefillMethod:
                 (:func:`sparseattn.sparse_attention` and the Hugging Face integration do); it
                 saves a copy of the plan per call.
         Returns:
-            a :class:`BlockPlan` on q's device with ``block_q = block_k = block_size``.
+            a :class:`BlockPlan` on q's device with ``block_q = block_k = block_size`` (a method
+            with its own key tile says so, e.g. SALE's ``block_k``).
         """
         B, Hq, Hkv, Lq, Lk, D = check_qkv(q, k, v)
         if not isinstance(causal, bool):
