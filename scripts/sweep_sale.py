@@ -3,8 +3,9 @@
     python scripts/sweep_sale.py [--length 32768] [--shape 9/3/64] [--threshold 0.004]
         [--configs 128x64x32x4x3x0,128x64x32x4x3x1,...] [--pairs 0x2,0x3,1x2,1x3]
 
-A config is ``SaleConfig``'s first six fields (kernels/sale_triton.py): pass-2 tile ``block_m x
-block_n``, ``split`` key tiles per program, ``num_warps``, ``num_stages``, ``int8_dot`` (0/1).
+A config is ``SaleConfig``'s first six fields (kernels/sale_triton.py): pass-2 step ``block_m x
+block_n`` (``block_n`` over 32 spans several 32-key tiles), ``split`` steps per program,
+``num_warps``, ``num_stages``, ``int8_dot`` (0/1).
 Each estimate is timed by ``do_bench`` (median, us) and its mask compared with the first
 config's on the tiles it decides (outside the anchor: exact integer sums, so bit for bit; other
 entries are don't-cares that depend on the tile shape). Then the kernel
@@ -29,8 +30,9 @@ p = argparse.ArgumentParser()
 p.add_argument("--length", type=int, default=32768)
 p.add_argument("--shape", default="9/3/64")
 p.add_argument("--threshold", type=float, default=0.004)
-p.add_argument("--configs", default="128x64x32x4x3x0,128x64x32x4x3x1,128x32x32x4x3x1,256x32x32x8x3x1,"
-                                    "128x32x64x4x4x1,64x32x32x4x3x1,256x64x32x8x3x1,128x64x64x4x3x1")
+p.add_argument("--configs", default="128x32x32x4x3x1,128x64x32x4x3x1,128x64x16x4x3x1,128x128x16x4x3x1,"
+                                    "128x128x8x8x3x1,128x256x8x8x3x1,256x64x16x8x3x1,256x128x8x8x3x1,"
+                                    "64x128x16x4x3x1,128x128x16x4x4x1,128x64x32x4x3x0")
 p.add_argument("--pairs", default="0x2,0x3,1x2,1x3")
 args = p.parse_args()
 Hq, Hkv, D = (int(x) for x in args.shape.split("/"))

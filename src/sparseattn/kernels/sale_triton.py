@@ -319,9 +319,10 @@ def _estimate_blocks(QI, SQ, KI, SK, QMK, Thr, Dense, Mask, Hq, group, Lq, Lk, n
                      local_blocks, seg_blocks, scale,
                      BLOCK_Q: tl.constexpr, BSP: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
                      D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     RB: tl.constexpr, QBT: tl.constexpr, TPB: tl.constexpr, SPLIT: tl.constexpr,
-                     CAUSAL: tl.constexpr, INT8_DOT: tl.constexpr):
-    # RB rows of one query block per tile, QBT query blocks per tile, TPB key tiles per key block.
+                     RB: tl.constexpr, QBT: tl.constexpr, TPB: tl.constexpr, KPT: tl.constexpr,
+                     BSPK: tl.constexpr, SPLIT: tl.constexpr, CAUSAL: tl.constexpr, INT8_DOT: tl.constexpr):
+    # RB rows of one query block per tile, QBT query blocks per tile; a step of BLOCK_N keys is
+    # 1 / TPB of a key block (KPT = 1) or KPT whole key blocks of BSPK slots (TPB = 1).
     sp = tl.program_id(0)
     qt = n_qt - 1 - tl.program_id(1)  # the longest causal rows start first
     pair = tl.program_id(2)  # batch x query head
@@ -335,7 +336,7 @@ def _estimate_blocks(QI, SQ, KI, SK, QMK, Thr, Dense, Mask, Hq, group, Lq, Lk, n
         r_lo = sink_blocks
         r_hi = tl.maximum(tl.minimum(start, nK), r_lo)
         t_lo = sp * SPLIT
-        t_hi = tl.minimum(t_lo + SPLIT, (r_hi - r_lo) * TPB)
+        t_hi = tl.minimum(t_lo + SPLIT, (r_hi - r_lo) * TPB if KPT == 1 else tl.cdiv(r_hi - r_lo, KPT))
         if t_lo < t_hi:
             b = pair // Hq
             kv = (b * (Hq // group) + h // group).to(tl.int64)
@@ -356,11 +357,18 @@ def _estimate_blocks(QI, SQ, KI, SK, QMK, Thr, Dense, Mask, Hq, group, Lq, Lk, n
             blocks = i_first + tl.arange(0, QBT)
             out_rows = Mask + (pair.to(tl.int64) * nQ + blocks) * nK
             for t in range(t_lo, t_hi):
-                tile = r_lo * TPB + t
-                n = tile // TPB  # the key block of this tile
-                c_in = (tile % TPB) * BLOCK_N + tl.arange(0, BLOCK_N)
-                key = n * BLOCK_K + c_in
-                k_ok = (c_in < BLOCK_K) & (key < Lk)
+                if KPT == 1:
+                    tile = r_lo * TPB + t
+                    n = tile // TPB  # the key block of this step
+                    c_in = (tile % TPB) * BLOCK_N + tl.arange(0, BLOCK_N)
+                    key = n * BLOCK_K + c_in
+                    k_ok = (c_in < BLOCK_K) & (key < Lk)
+                else:
+                    n0 = r_lo + t * KPT  # the first of this step's key blocks
+                    c = tl.arange(0, BLOCK_N)
+                    c_in = c % BSPK
+                    key = (n0 + c // BSPK) * BLOCK_K + c_in
+                    k_ok = (c_in < BLOCK_K) & (key < Lk)
                 ki = tl.load(ki_base + key.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
                              mask=k_ok[:, None] & d_ok[None, :], other=0)
                 sk = tl.load(sk_base + key, mask=k_ok, other=1.0)
@@ -372,16 +380,24 @@ def _estimate_blocks(QI, SQ, KI, SK, QMK, Thr, Dense, Mask, Hq, group, Lq, Lk, n
                 else:
                     dots = tl.dot(qi, tl.trans(ki))  # fp16 integers, fp32 sums: exact
                 est = dots * sk[None, :] * sq[:, None] + qmk[None, :]  # PyTorch's order, no FMA
-                hit = (tl.max(est, 1) * scale >= thr).to(tl.int32)  # some pair of the row passes
-                hit = tl.max(tl.reshape(hit, [QBT, RB]), 1)
-                tl.store(out_rows + n, tl.full([QBT], 1, dtype=tl.uint8), mask=(hit > 0) & (blocks < nQ))
+                if KPT == 1:
+                    hit = (tl.max(est, 1) * scale >= thr).to(tl.int32)  # some pair of the row passes
+                    hit = tl.max(tl.reshape(hit, [QBT, RB]), 1)
+                    tl.store(out_rows + n, tl.full([QBT], 1, dtype=tl.uint8), mask=(hit > 0) & (blocks < nQ))
+                else:  # a row max per key block of the step
+                    row_max = tl.max(tl.reshape(est, [BLOCK_M, KPT, BSPK]), 2)
+                    hit = (row_max * scale >= thr[:, None]).to(tl.int32)  # [BLOCK_M, KPT]
+                    hit = tl.max(tl.reshape(hit, [QBT, RB, KPT]), 1)
+                    n = n0 + tl.arange(0, KPT)
+                    tl.store(out_rows[:, None] + n[None, :], tl.full([QBT, KPT], 1, dtype=tl.uint8),
+                             mask=(hit > 0) & (blocks < nQ)[:, None] & (n < r_hi)[None, :])
 
 
 class SaleConfig(NamedTuple):
     """Tiles of the SALE kernels (powers of two).
 
-    Pass 2: ``block_m`` query rows x ``block_n`` keys per tile (``block_n`` capped at the padded
-    block), ``split`` key tiles per program, ``int8_dot`` for int8 x int8 -> int32 products
+    Pass 2: ``block_m`` query rows x ``block_n`` keys per step (part of one key tile, or several
+    whole ones), ``split`` steps per program, ``int8_dot`` for int8 x int8 -> int32 products
     (else fp16 x fp16 -> fp32). Pass 1: ``anchor_block_m`` rows x ``anchor_block_n`` keys,
     ``anchor_precision`` the fp32 dot's input precision.
     """
@@ -397,10 +413,14 @@ class SaleConfig(NamedTuple):
     anchor_precision: str = "tf32x3"
 
 
-# Hopper: 128-row tiles, 32 steps per program for causal load balance, int8 x int8 -> int32
-# products (twice the fp16 tensor-core rate; the integer sums are exact either way). H100,
-# 2026-11-24, scripts/sweep_sale.py (9/3/64, 32K, 64 x 32 tiles, us): fp16 128x64x32 3121, int8
-# 128x64x32 2866, 128x32x32 2850, 128x64x64 2841, 256x32x32 (8 warps) 2879, 64x32x32 3466.
+# Hopper: 128-row steps of 64 keys (two of the official 32-key tiles per product), 32 steps per
+# program for causal load balance, int8 x int8 -> int32 products (twice the fp16 tensor-core
+# rate; the integer sums are exact either way). H100, 2026-11-24, scripts/sweep_sale.py (us at
+# 9/3/64 32K; ms at 32/8/128 128K), 64 x 32 tiles: one tile per step (128x32x32, int8) 2883 / 161.9,
+# two (128x64x32) 2579, 128x64x16 2648 / 148.3, four (128x128x16) 2663 / 146.2, eight
+# (128x256x8, 8 warps) 3209 / 176.9, 256x64x16 (8 warps) 2759, fp16 products (128x64x32) 2821;
+# before steps could span tiles: fp16 3121, int8 2866. The estimate's time scales with the pairs
+# it tests, not with the head size: the per-pair arithmetic after the product bounds it.
 # `config=` overrides.
 _CONFIG_GPU = SaleConfig(128, 64, 32, 4, 3, int8_dot=True)
 # The interpreter pays per operation, not per element: large tiles (the kernel tests pass small
@@ -490,14 +510,16 @@ def estimate_block_mask_triton(q_int: torch.Tensor, sq: torch.Tensor, k_int: tor
     if mask.numel() == 0:
         return mask
     bsp, bspk = padded_block(block_q), padded_block(block_k)
-    block_n = min(cfg.block_n, bspk)
+    # A step of block_n keys: part of one key block (tpb steps per block), or kpt whole blocks.
+    block_n = cfg.block_n
+    tpb, kpt = max(1, bspk // block_n), max(1, block_n // bspk)
     n_qt = triton.cdiv(nQ * bsp, cfg.block_m)
-    n_split = triton.cdiv(nK * (bspk // block_n), cfg.split)
+    n_split = triton.cdiv(nK * tpb if kpt == 1 else triton.cdiv(nK, kpt), cfg.split)
     _estimate_blocks[(n_split, n_qt, B * Hq)](
         q_int, sq, k_int, sk, qmk, thr, dense.view(torch.uint8), mask, Hq, Hq // Hkv, Lq, Lk, nQ, nK, n_qt,
         sink_blocks, local_blocks, seg_blocks, 1.0 / math.sqrt(D),
         BLOCK_Q=block_q, BSP=bsp, BLOCK_K=block_k, HEAD_DIM=D, D_PAD=_pow2(D, 16), BLOCK_M=cfg.block_m,
-        BLOCK_N=block_n, RB=min(cfg.block_m, bsp), QBT=max(1, cfg.block_m // bsp), TPB=bspk // block_n,
+        BLOCK_N=block_n, RB=min(cfg.block_m, bsp), QBT=max(1, cfg.block_m // bsp), TPB=tpb, KPT=kpt, BSPK=bspk,
         SPLIT=cfg.split, CAUSAL=causal, INT8_DOT=cfg.int8_dot, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=False)
     return mask
