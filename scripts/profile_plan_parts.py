@@ -11,7 +11,9 @@ dense time), the issue-3 ratio without the estimate):
 * ``random, same counts``: per (head, query block) as many blocks as the plan's row, drawn at
   random among the causally visible ones (the diagonal kept), i.e. the same work in blocks with
   no diagonal structure (what block top-k plans look like);
-* ``dense``: ``plan=None``.
+* ``dense``: ``plan=None``;
+* ``columns -> blocks >= C`` (``--convert``): every key block holding at least C of a row's extra
+  columns computed as a whole block instead (a superset of the plan), the other columns kept.
 
 so a gap between ``blocks only`` and ``random, same counts`` is the blocks' layout, and one between
 ``plan`` and ``blocks only`` the extra columns.
@@ -38,6 +40,7 @@ p.add_argument("--length", type=int, default=32768)
 p.add_argument("--layers", default="3,15,24")
 p.add_argument("--method", default="vertical_slash")
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--convert", default="16,24,32,48", help="comma list of C for 'columns -> blocks >= C' ('' for none)")
 args = p.parse_args()
 layers = [int(x) for x in args.layers.split(",")]
 
@@ -69,6 +72,27 @@ def random_same_counts(plan: BlockPlan, gen: torch.Generator) -> BlockPlan:
                                      k_len=plan.k_len, causal=True)
 
 
+def columns_to_blocks(plan: BlockPlan, c: int) -> BlockPlan:
+    """Key blocks holding >= c of a row's extra columns become plan blocks; their columns leave the list."""
+    nK, bk = plan.num_k_blocks, plan.block_k
+    cols, cnt = plan.extra_indices.long(), plan.extra_counts.long()
+    valid = torch.arange(cols.shape[-1], device=cols.device) < cnt.unsqueeze(-1)
+    blk = torch.where(valid, cols // bk, torch.full_like(cols, nK)).clamp(max=nK)
+    per_block = torch.zeros(*cnt.shape, nK + 1, dtype=torch.long, device=cols.device)
+    per_block.scatter_add_(-1, blk, valid.long())
+    converted = per_block[..., :nK] >= c
+    keep = valid & ~torch.gather(torch.cat([converted, converted[..., :1] & False], -1), -1, blk)
+    new_counts = keep.sum(-1)
+    ordered = torch.where(keep, cols, torch.full_like(cols, 2**31 - 1)).sort(-1).values
+    width = max(1, int(new_counts.max()))
+    ordered = ordered[..., :width]
+    ordered = torch.where(torch.arange(width, device=cols.device) < new_counts.unsqueeze(-1), ordered, 0)
+    blocks = BlockPlan.from_block_mask(plan.block_mask() | converted, block_q=plan.block_q, block_k=bk,
+                                       q_len=plan.q_len, k_len=plan.k_len, causal=True)
+    return dataclasses.replace(blocks, extra_counts=new_counts.int().contiguous(),
+                               extra_indices=ordered.int().contiguous())
+
+
 gen = torch.Generator().manual_seed(args.seed)
 for layer in layers:
     q, k, v = qkv[layer][:3]
@@ -78,10 +102,15 @@ for layer in layers:
     if plan.has_extra:
         parts["blocks only"] = dataclasses.replace(plan, extra_counts=None, extra_indices=None)
     parts["random, same counts"] = random_same_counts(parts.get("blocks only", plan), gen)
+    if plan.has_extra:
+        for c in (int(x) for x in args.convert.split(",") if x):
+            parts[f"columns -> blocks >= {c}"] = columns_to_blocks(plan, c)
     print(f"layer {layer}: dense {dense_ms:.3f} ms; plan {plan.block_q} x {plan.block_k}, "
           f"{float(plan.kv_counts.float().mean()):.1f} blocks per row"
           + (f", {float(plan.extra_counts.float().mean()):.1f} extra columns per row" if plan.has_extra else ""))
     for name, pl in parts.items():
         d = pl.density()
         ms = bench(lambda: attention_triton(q, k, v, pl, causal=True))
-        print(f"  {name:<22} density {d:.3f}  kernel {ms:.3f} ms  = {ms / (d * dense_ms):.2f} x ideal")
+        extra = f", {float(pl.extra_counts.float().mean()):.0f} columns" if pl.has_extra else ""
+        print(f"  {name:<24} density {d:.3f}  kernel {ms:.3f} ms  = {ms / (d * dense_ms):.2f} x ideal"
+              f"  ({float(pl.kv_counts.float().mean()):.1f} blocks{extra} per row)")
