@@ -20,8 +20,11 @@ def empty_plan(B, H, Lq, Lk, bq, bk, device="cpu"):
     return BlockPlan.from_block_mask(bm, block_q=bq, block_k=bk, q_len=Lq, k_len=Lk)
 
 
-def with_extra_columns(plan, n_cols=5, seed=0):
-    """Add up to ``n_cols`` random extra key columns per row, outside the row's selected blocks."""
+def with_extra_columns(plan, n_cols=5, seed=0, seen_by_all=False):
+    """Add up to ``n_cols`` random extra key columns per row, outside the row's selected blocks.
+
+    ``seen_by_all``: only columns every query of the block sees under causal masking.
+    """
     g = torch.Generator().manual_seed(seed)
     bm = plan.block_mask().cpu()
     B, H, nQ, nK = bm.shape
@@ -30,7 +33,10 @@ def with_extra_columns(plan, n_cols=5, seed=0):
     for b in range(B):
         for h in range(H):
             for m in range(nQ):
-                free = [j for j in range(plan.k_len) if not bm[b, h, m, j // plan.block_k]]
+                limit = plan.k_len
+                if seen_by_all:  # keys up to the block's first query (bottom-right aligned)
+                    limit = max(0, min(plan.k_len, plan.k_len - plan.q_len + m * plan.block_q + 1))
+                free = [j for j in range(limit) if not bm[b, h, m, j // plan.block_k]]
                 if not free:
                     continue
                 pick = torch.randperm(len(free), generator=g)[:n_cols]

@@ -229,6 +229,49 @@ def test_many_extra_columns(backend, Lq, Lk):
     assert_tolerance(out, lse, ref, ref_lse, pt)
 
 
+EXTRA_VARIANTS = [(16, 1, False, False), (16, 2, True, True), (32, 2, True, False), (32, 1, False, True),
+                  (64, 2, True, True)]
+
+
+@needs_triton
+@pytest.mark.parametrize("extra_config", EXTRA_VARIANTS, ids=lambda c: "n{}-s{}-pair{:d}-pad{:d}".format(*c))
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("seen_by_all", [False, True])
+def test_extra_column_walk_variants(extra_config, packed, seen_by_all):
+    # Every way of walking the extra columns (tile width, stages, two tiles per step, the partial
+    # tile with padding-only masks) computes the same function: each passes the tolerance rule and
+    # all agree closely. Rows hold 0 to 90 columns: several whole tiles, a partial one, and either
+    # columns cut by the causal edge and past it, or (seen_by_all) only columns every query of the
+    # block sees, where the partial tile takes the padding-only path.
+    from sparseattn.kernels.prefill_triton import attention_triton
+
+    from .plans import with_extra_columns
+
+    B, Hq, Hkv, D, Lq, Lk = 1, 4, 2, 32, 200, 331
+    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, LOW_PRECISION, DEVICE, seed=8)
+    plan = with_extra_columns(random_plan(B, Hkv, Lq, Lk, 32, 32, density=0.2, seed=8, device=DEVICE), n_cols=90,
+                              seed=8, seen_by_all=seen_by_all)
+    out, lse = attention_triton(q, k, v, plan, return_lse=True, pack_gqa=packed, extra_config=extra_config)
+    base, base_lse = attention_triton(q, k, v, plan, return_lse=True, pack_gqa=packed,
+                                      extra_config=(32, 1, False, False))
+    ref, ref_lse, pt = references(q, k, v, plan, causal=True)
+    assert_tolerance(out, lse, ref, ref_lse, pt)
+    torch.testing.assert_close(lse, base_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.float(), base.float(), rtol=2.0**-6, atol=2.0**-6)
+
+
+@needs_triton
+def test_extra_column_tile_width_is_checked():
+    from sparseattn.kernels.prefill_triton import attention_triton
+
+    from .plans import with_extra_columns
+
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 32, LOW_PRECISION, DEVICE)
+    plan = with_extra_columns(random_plan(1, 1, 40, 40, 32, 32, seed=1, device=DEVICE), n_cols=4)
+    with pytest.raises(ValueError, match="EXTRA_N must be a power of two"):
+        attention_triton(q, k, v, plan, extra_config=(48, 2, False, True))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     B, L, Hq, Hkv, D = 1, 140, 4, 2, 32

@@ -30,8 +30,12 @@ LN2 = 0.6931471805599453
 @triton.jit
 def _attend_tile(acc, l_i, m_i, poison, q, k, v, offs_n, key_ok, pos_m, qk_scale, sink, window,
                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BAND: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """One online-softmax step over a tile of loaded keys ``k``/values ``v`` at key indices ``offs_n``."""
+                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, PAD_MASK: tl.constexpr = False):
+    """One online-softmax step over a tile of loaded keys ``k``/values ``v`` at key indices ``offs_n``.
+
+    PAD_MASK (unmasked step only): keys with ``key_ok`` False are padding loaded as zeros: dropped
+    from the scores; every row must see at least one key of the tile (so its max stays finite).
+    """
     if UPCAST_DOT:
         qk = tl.dot(q.to(tl.float32), tl.trans(k).to(tl.float32), input_precision="ieee")
     else:
@@ -55,6 +59,8 @@ def _attend_tile(acc, l_i, m_i, poison, q, k, v, offs_n, key_ok, pos_m, qk_scale
         v = tl.where(v_bad[:, None] == 0.0, v, tl.zeros_like(v))
         poison = tl.maximum(poison, tl.max(p * v_bad[None, :], 1))
     else:
+        if PAD_MASK:
+            qk = tl.where(key_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -171,35 +177,70 @@ def _walk_blocks(acc, l_i, m_i, poison, q, K, V, k_base, v_base, kv_row0, idx_ro
 
 
 @triton.jit
-def _walk_extras(acc, l_i, m_i, poison, q, k_base, v_base, e_row, stride_ek, e_begin, e_end, offs_tile_n, offs_d,
-                 pos_m, k_len, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EXTRA_STAGES: tl.constexpr):
-    """Attend the extra key columns at list positions [e_begin, e_end), BLOCK_N per step.
+def _gather_kv(k_base, v_base, offs_e, cols, offs_d, e_end, k_len,
+               stride_kn, stride_kd, stride_vn, stride_vd, MASKED: tl.constexpr):
+    """Gather the K and V rows of key columns ``cols`` (list positions ``offs_e``); masked: zeros
+    at positions past e_end or columns past k_len."""
+    k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if MASKED:
+        col_ok = (offs_e < e_end) & (cols < k_len)
+        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+    else:
+        col_ok = offs_e < e_end  # all true
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return k, v, col_ok
 
+
+@triton.jit
+def _walk_extras(acc, l_i, m_i, poison, q, k_base, v_base, e_row, stride_ek, e_begin, e_end, offs_d,
+                 pos_m, k_len, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+                 EXTRA_N: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EXTRA_STAGES: tl.constexpr,
+                 PAIR: tl.constexpr = False):
+    """Attend the extra key columns at list positions [e_begin, e_end), EXTRA_N per step.
+
+    MODE 0: whole tiles of columns below k_len that every row of the tile sees: no masks (PAIR:
+    two tiles per step, one softmax update, then the odd one alone). MODE 1: columns every row
+    sees, the last tile partial: only the padding positions are masked out of the scores (their
+    K/V load as zeros, so no value checks). MODE 2: columns cut by the causal edge or past k_len:
+    element masks and the non-finite value checks of a masked step.
     The next step's column indices are loaded one step ahead, so the K/V gathers of a step never
-    wait on an index load issued in the same step. Unmasked (MASKED False): every position in the
-    range is a column below k_len that every row of the tile sees, in whole tiles.
+    wait on an index load issued in the same step.
     """
-    offs_e = e_begin + offs_tile_n
+    offs_tile_e = tl.arange(0, EXTRA_N)
+    if PAIR and MODE == 0:
+        n_pairs = (e_end - e_begin) // (2 * EXTRA_N)
+        offs_a = e_begin + offs_tile_e
+        cols_a_next = tl.load(e_row + offs_a * stride_ek, mask=offs_a < e_end, other=0)
+        cols_b_next = tl.load(e_row + (offs_a + EXTRA_N) * stride_ek, mask=offs_a + EXTRA_N < e_end, other=0)
+        for i in tl.range(0, n_pairs, num_stages=EXTRA_STAGES):
+            cols_a = cols_a_next
+            cols_b = cols_b_next
+            offs_after = e_begin + (2 * i + 2) * EXTRA_N + offs_tile_e
+            cols_a_next = tl.load(e_row + offs_after * stride_ek, mask=offs_after < e_end, other=0)
+            cols_b_next = tl.load(e_row + (offs_after + EXTRA_N) * stride_ek, mask=offs_after + EXTRA_N < e_end,
+                                  other=0)
+            k_a, v_a, col_ok = _gather_kv(k_base, v_base, offs_after, cols_a, offs_d, e_end, k_len,
+                                          stride_kn, stride_kd, stride_vn, stride_vd, False)
+            k_b, v_b, col_ok = _gather_kv(k_base, v_base, offs_after, cols_b, offs_d, e_end, k_len,
+                                          stride_kn, stride_kd, stride_vn, stride_vd, False)
+            acc, l_i, m_i = _attend_pair(acc, l_i, m_i, q, k_a, v_a, k_b, v_b, qk_scale, DOT_PRECISION, UPCAST_DOT)
+        e_begin = e_begin + 2 * EXTRA_N * n_pairs
+    offs_e = e_begin + offs_tile_e
     cols_next = tl.load(e_row + offs_e * stride_ek, mask=offs_e < e_end, other=0)
-    for t in tl.range(e_begin, e_end, BLOCK_N, num_stages=EXTRA_STAGES):
+    for t in tl.range(e_begin, e_end, EXTRA_N, num_stages=EXTRA_STAGES):
         cols = cols_next
-        offs_e = t + offs_tile_n
-        offs_after = offs_e + BLOCK_N
+        offs_e = t + offs_tile_e
+        offs_after = offs_e + EXTRA_N
         cols_next = tl.load(e_row + offs_after * stride_ek, mask=offs_after < e_end, other=0)
-        k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if MASKED:
-            col_ok = (offs_e < e_end) & (cols < k_len)
-            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-        else:
-            col_ok = offs_e < e_end  # all true
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k, v, col_ok = _gather_kv(k_base, v_base, offs_e, cols, offs_d, e_end, k_len,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, MODE != 0)
         acc, l_i, m_i, poison = _attend_tile(acc, l_i, m_i, poison, q, k, v, cols, col_ok, pos_m, qk_scale,
-                                             0, 0, MASKED, CAUSAL, False, DOT_PRECISION, UPCAST_DOT)
+                                             0, 0, MODE == 2, CAUSAL, False, DOT_PRECISION, UPCAST_DOT,
+                                             MODE == 1)
     return acc, l_i, m_i, poison
 
 
@@ -223,7 +264,7 @@ def _block_sparse_fwd(
     IS_DENSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BAND: tl.constexpr, HAS_EXTRA: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     USE_TMA: tl.constexpr, COUNT_CHUNK: tl.constexpr, GROUP_PACK: tl.constexpr, EXTRA_STAGES: tl.constexpr,
-    PAIR_BLOCKS: tl.constexpr,
+    PAIR_BLOCKS: tl.constexpr, EXTRA_N: tl.constexpr, EXTRA_PAIR: tl.constexpr, EXTRA_PAD_TAIL: tl.constexpr,
 ):
     # K, V are tensor descriptors over [B * Hkv * Lk, D] when USE_TMA, else the same as K_ptr, V_ptr.
     # GROUP_PACK > 1: one program holds the queries of GROUP_PACK heads of one GQA group (rows
@@ -342,10 +383,10 @@ def _block_sparse_fwd(
         offs_tile_n, offs_d, pos_m, k_len, qk_scale, sink, window, stride_kn, stride_kd, stride_vn, stride_vd,
         BLOCK_N, PLAN_BLOCK_K, IS_DENSE, True, CAUSAL, HAS_BAND, USE_TMA, DOT_PRECISION, UPCAST_DOT)
 
-    # Phase 3: token-level extra key columns (vertical lines), gathered BLOCK_N at a time. The list
+    # Phase 3: token-level extra key columns (vertical lines), gathered EXTRA_N at a time. The list
     # is ascending, so the columns every row of the tile sees (< full_keys) form a prefix: its whole
-    # tiles run without element masks, the rest (a partial tile, columns cut by the causal edge or
-    # past k_len) with them.
+    # tiles run without element masks, its partial last tile with only the padding masked, and
+    # the rest (columns cut by the causal edge or past k_len) with element masks.
     if HAS_EXTRA:
         e_count = tl.load(ExtraCounts + b64 * stride_cb + ph * stride_ch + m_plan * stride_cm)
         e_row = ExtraIndices + b64 * stride_eb + ph * stride_eh + m_plan.to(tl.int64) * stride_em
@@ -354,14 +395,26 @@ def _block_sparse_fwd(
             offs_c = c + tl.arange(0, COUNT_CHUNK)
             cols = tl.load(e_row + offs_c * stride_ek, mask=offs_c < e_count, other=2147483647)
             n_e_full += tl.sum((cols < full_keys).to(tl.int32))
-        e_split = (n_e_full // BLOCK_N) * BLOCK_N
+        e_split = (n_e_full // EXTRA_N) * EXTRA_N
+        # The partial tile gets padding-only masks when no column after it needs element masks
+        # (then every tile still starts at a multiple of EXTRA_N, so the summation order does not
+        # depend on where a program's rows start); else it joins the masked steps.
+        if EXTRA_PAD_TAIL:
+            e_masked = tl.where(n_e_full == e_count, e_count, e_split)
+        else:
+            e_masked = e_split
         acc, l_i, m_i, poison = _walk_extras(
-            acc, l_i, m_i, poison, q, k_base, v_base, e_row, stride_ek, 0, e_split, offs_tile_n, offs_d, pos_m,
-            k_len, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, BLOCK_N, False, CAUSAL,
-            DOT_PRECISION, UPCAST_DOT, EXTRA_STAGES)
+            acc, l_i, m_i, poison, q, k_base, v_base, e_row, stride_ek, 0, e_split, offs_d, pos_m,
+            k_len, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, EXTRA_N, 0, CAUSAL,
+            DOT_PRECISION, UPCAST_DOT, EXTRA_STAGES, EXTRA_PAIR)
+        if EXTRA_PAD_TAIL:
+            acc, l_i, m_i, poison = _walk_extras(
+                acc, l_i, m_i, poison, q, k_base, v_base, e_row, stride_ek, e_split, e_masked, offs_d, pos_m,
+                k_len, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, EXTRA_N, 1, CAUSAL,
+                DOT_PRECISION, UPCAST_DOT, EXTRA_STAGES)
         acc, l_i, m_i, poison = _walk_extras(
-            acc, l_i, m_i, poison, q, k_base, v_base, e_row, stride_ek, e_split, e_count, offs_tile_n, offs_d,
-            pos_m, k_len, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, BLOCK_N, True, CAUSAL,
+            acc, l_i, m_i, poison, q, k_base, v_base, e_row, stride_ek, e_masked, e_count, offs_d,
+            pos_m, k_len, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, EXTRA_N, 2, CAUSAL,
             DOT_PRECISION, UPCAST_DOT, EXTRA_STAGES)
 
     has_mass = l_i > 0.0
@@ -412,6 +465,12 @@ def default_config(head_dim: int, dtype: torch.dtype) -> tuple:
 # ~5 % of each other (3 ahead with ~1000 extras per row, 2 with ~300); 1 slower; prefetching the
 # next step's K/V into registers by hand slower than either.
 EXTRA_STAGES = 2
+# (stages, two tiles per unmasked step) of the extra-column loops per (head_dim, key tile), where
+# they differ from (EXTRA_STAGES, unpaired). H100, 2026-11-24, scripts/sweep_extras.py on SmolLM2's
+# q/k/v at 32K (BENCHMARKS.md, session 17; vertical-slash plans, 290-420 columns per row, layers
+# 3 / 15 / 24, sum of kernel ms): with the block walk at 2 stages (see "extra" below) 1 stage 3.744,
+# 2 stages 3.779; pairs raise the registers from 168 to 188-227 (fewer programs per SM): 4.18-4.21.
+_EXTRA_RULES = {(64, 64): (1, False)}
 
 # Plans whose 64-blocks cut the tuned tile to 64 x 64: (walk unmasked blocks two per step,
 # pipeline stages) per head_dim and plan kind. H100, 2026-11-23, scripts/sweep_plans.py on
@@ -420,12 +479,15 @@ EXTRA_STAGES = 2
 # 1.14-1.16 -> 1.07-1.08; band plans (moa) slower paired (2.31 -> 2.39-2.44): unpaired.
 # D=128: pairs slower at 2 stages; unpaired 2 stages beat 3 (block_topk 7.85 -> 6.96,
 # random 35 % 8.77 -> 7.08, vertical_slash 19.4 -> 17.4) except band plans (moa 13.5 vs 14.7).
+# Extra-column plans at D=64, 2026-11-24 (scripts/sweep_extras.py, SmolLM2 q/k/v at 32K, sum of
+# layers 3 / 15 / 24): 3 stages need 104 KB of shared memory (two programs per SM), 2 stages 72 KB
+# (three): kernel 4.065 -> 3.744 ms; the session-11 choice of 3 was on synthetic q/k.
 # SALE's official 32-key tiles (64 x 32 plans), D=64, H100, 2026-11-24, scripts/sweep_sale.py on
 # structured q/k/v at 32K (BENCHMARKS.md, fidelity, session 16; us, density 0.415, two runs):
 # unpaired 1627 / 1634 (2 stages), 1585 / 1614 (3); paired 1467 / 1439 (2), 1457 / 1494 (3).
 # Other (head_dim, tile, kind) keep the tuned tile's stages, unpaired.
 _SMALL_BLOCK_RULES = {
-    (64, 64): {"plain": (True, 2), "extra": (True, 3), "band": (False, 3)},
+    (64, 64): {"plain": (True, 2), "extra": (True, 2), "band": (False, 3)},
     (128, 64): {"plain": (False, 2), "extra": (False, 2), "band": (False, 3)},
     (64, 32): {"plain": (True, 2)},
 }
@@ -436,6 +498,16 @@ PAIR_MAX_BLOCK_N = 64
 # Building two TMA descriptors costs ~30 us of host time per call; below this much work
 # (B * Hq * Lq * Lk) the kernel is too short for TMA to pay that back.
 TMA_MIN_WORK = 1 << 30
+
+
+# The compiled kernel of the latest launch (diagnostics: registers, spills, shared memory).
+_last_compiled: list = [None]
+
+
+def last_compiled_kernel():
+    """The compiled kernel of the latest ``attention_triton`` launch in this process (Triton's
+    ``CompiledKernel``: ``n_regs``, ``n_spills``, ``metadata.shared`` on a GPU), or None."""
+    return _last_compiled[0]
 
 
 def _tma_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -462,14 +534,19 @@ def _small_meta(t: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Optional[BlockPlan], *,
                      causal: bool = True, scale: Optional[float] = None, return_lse: bool = False,
                      config: Optional[tuple] = None, out: Optional[torch.Tensor] = None,
-                     pack_gqa: Optional[bool] = None, pair_blocks: Optional[bool] = None):
+                     pack_gqa: Optional[bool] = None, pair_blocks: Optional[bool] = None,
+                     extra_config: Optional[tuple] = None):
     """Launch the kernel on validated inputs (see ``block_sparse_attention``).
 
     ``config`` = ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, use_tma])`` overrides the tuned default;
     ``out`` lets tests hand in a poisoned output buffer. ``pack_gqa`` (default per head_dim) packs
     the query heads of a GQA group into one program when the plan is shared by the group.
     ``pair_blocks`` walks a plan's unmasked blocks two per step where each block is one key tile
-    of at most ``PAIR_MAX_BLOCK_N`` keys (default: ``_SMALL_BLOCK_RULES``).
+    of at most ``PAIR_MAX_BLOCK_N`` keys (default: ``_SMALL_BLOCK_RULES``). ``extra_config`` =
+    ``(EXTRA_N, stages, pair, pad_tail)`` overrides how the plan's extra columns are walked: tile
+    width, pipeline stages, two tiles per unmasked step, the partial tile of columns every row
+    sees with padding-only masks (default: the key tile, then ``_EXTRA_RULES`` or ``EXTRA_STAGES``
+    unpaired, and padding-only masks on).
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -543,11 +620,16 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
         plan_block_q = positions_per_tile
     num_q_tiles = triton.cdiv(Lq, positions_per_tile)
     grid = (num_q_tiles, B * (Hkv if pack > 1 else Hq))
+    extra_rule = _EXTRA_RULES.get((D, block_n), (EXTRA_STAGES, False)) if q.dtype != torch.float32 else (
+        EXTRA_STAGES, False)
+    extra_n, extra_stages, extra_pair, extra_pad_tail = extra_config or (block_n, *extra_rule, True)
+    if extra_n & (extra_n - 1) or not 16 <= extra_n <= 256:
+        raise ValueError(f"extra_config: EXTRA_N must be a power of two in [16, 256], got {extra_n}")
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     # Triton's interpreter (3.9) computes bf16 dot products wrongly; there we upcast the operands,
     # which gives the same math as a bf16 tensor-core product with fp32 accumulation.
     upcast_dot = q.dtype == torch.bfloat16 and triton_interpreting()
-    _block_sparse_fwd[grid](
+    _last_compiled[0] = _block_sparse_fwd[grid](
         q, k_arg, v_arg, out, lse,
         counts, indices, band_sink, band_window, extra_counts, extra_indices,
         scale * LOG2E,
@@ -559,7 +641,8 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
         PLAN_BLOCK_Q=plan_block_q, PLAN_BLOCK_K=plan_block_k,
         IS_DENSE=plan is None, CAUSAL=causal, HAS_BAND=has_band, HAS_EXTRA=has_extra,
         RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, USE_TMA=use_tma,
-        COUNT_CHUNK=128, GROUP_PACK=pack, EXTRA_STAGES=EXTRA_STAGES, PAIR_BLOCKS=pair_blocks,
+        COUNT_CHUNK=128, GROUP_PACK=pack, EXTRA_STAGES=extra_stages, PAIR_BLOCKS=pair_blocks,
+        EXTRA_N=extra_n, EXTRA_PAIR=bool(extra_pair), EXTRA_PAD_TAIL=bool(extra_pad_tail),
         num_warps=num_warps, num_stages=num_stages,
     )
     return (out, lse) if return_lse else out
