@@ -95,7 +95,7 @@ def columns_to_blocks(plan: BlockPlan, c: int) -> BlockPlan:
 
 gen = torch.Generator().manual_seed(args.seed)
 for layer in layers:
-    q, k, v = qkv[layer][:3]
+    q, k, v = (t.contiguous() for t in qkv[layer][:3])  # row-major as in bench methods: TMA
     dense_ms = bench(lambda: attention_triton(q, k, v, None, causal=True))
     plan = method.plan(q, k, v)
     parts = {"plan": plan}

@@ -8,7 +8,8 @@ Per layer and method the kernel runs on the method's plan with every pipeline de
 block walk (``--main-stages``) and ``extra_config`` = (EXTRA_N tile width, pipeline stages, two
 tiles per unmasked step, padding-only masks on the partial tile) of the grid, and once
 without the extra columns ("blocks only": the floor the columns add to). Timings are ``do_bench``
-medians in ms; ``rounds`` repeats the whole grid so drift shows. Each variant's output is checked against the first variant's (max abs difference).
+medians in ms; ``rounds`` repeats the whole grid so drift shows. Each variant's output is
+checked against the first variant's (max abs difference).
 The last table sums the layers per variant: the kernel's extra-column time is
 ``plan - blocks only``, and "x share" compares it with the columns' share of the ideal time
 (density of the columns x dense time).
@@ -117,7 +118,7 @@ shares = {}  # method -> sum of the columns' ideal ms
 for name in args.methods.split(","):
     method = get_method(name)
     for layer in layers:
-        q, k, v = qkv[layer][:3]
+        q, k, v = (t.contiguous() for t in qkv[layer][:3])  # row-major as in bench methods: TMA
         plan = method.plan(q, k, v)
         if not plan.has_extra:
             print(f"{name} layer {layer}: no extra columns")

@@ -468,9 +468,12 @@ EXTRA_STAGES = 2
 # (stages, two tiles per unmasked step) of the extra-column loops per (head_dim, key tile), where
 # they differ from (EXTRA_STAGES, unpaired). H100, 2026-11-24, scripts/sweep_extras.py on SmolLM2's
 # q/k/v at 32K (BENCHMARKS.md, session 17; vertical-slash plans, 290-420 columns per row, layers
-# 3 / 15 / 24, sum of kernel ms): with the block walk at 2 stages (see "extra" below) 1 stage 3.744,
-# 2 stages 3.779; pairs raise the registers from 168 to 188-227 (fewer programs per SM): 4.18-4.21.
+# 3 / 15 / 24, sum of kernel ms; q/k/v as captured, i.e. K/V through pointer loads, not TMA): with
+# the block walk at 2 stages (see "extra" below) 1 stage 3.744, 2 stages 3.779; pairs raise the
+# registers from 168 to 188-227 (fewer programs per SM): 4.18-4.21.
 _EXTRA_RULES = {(64, 64): (1, False)}
+# The partial tile of columns every row sees runs with padding-only masks (no value checks).
+EXTRA_PAD_TAIL = True
 
 # Plans whose 64-blocks cut the tuned tile to 64 x 64: (walk unmasked blocks two per step,
 # pipeline stages) per head_dim and plan kind. H100, 2026-11-23, scripts/sweep_plans.py on
@@ -479,9 +482,11 @@ _EXTRA_RULES = {(64, 64): (1, False)}
 # 1.14-1.16 -> 1.07-1.08; band plans (moa) slower paired (2.31 -> 2.39-2.44): unpaired.
 # D=128: pairs slower at 2 stages; unpaired 2 stages beat 3 (block_topk 7.85 -> 6.96,
 # random 35 % 8.77 -> 7.08, vertical_slash 19.4 -> 17.4) except band plans (moa 13.5 vs 14.7).
-# Extra-column plans at D=64, 2026-11-24 (scripts/sweep_extras.py, SmolLM2 q/k/v at 32K, sum of
-# layers 3 / 15 / 24): 3 stages need 104 KB of shared memory (two programs per SM), 2 stages 72 KB
-# (three): kernel 4.065 -> 3.744 ms; the session-11 choice of 3 was on synthetic q/k.
+# Extra-column plans at D=64, 2026-11-24 (BENCHMARKS.md, session 17; SmolLM2 q/k/v at 32K, layers
+# 3 / 15 / 24): 3 stages need 104 KB of shared memory (two programs per SM), 2 stages 72 KB
+# (three). With these rules and the column rules above, scripts/ab_kernel_rules.py (contiguous
+# q/k/v, TMA, 8 interleaved rounds) puts vertical-slash's estimate + kernel ratio at 1.454 -> 1.399
+# (per round 0.958); the session-11 choice of 3 was on synthetic q/k.
 # SALE's official 32-key tiles (64 x 32 plans), D=64, H100, 2026-11-24, scripts/sweep_sale.py on
 # structured q/k/v at 32K (BENCHMARKS.md, fidelity, session 16; us, density 0.415, two runs):
 # unpaired 1627 / 1634 (2 stages), 1585 / 1614 (3); paired 1467 / 1439 (2), 1457 / 1494 (3).
@@ -622,7 +627,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
     grid = (num_q_tiles, B * (Hkv if pack > 1 else Hq))
     extra_rule = _EXTRA_RULES.get((D, block_n), (EXTRA_STAGES, False)) if q.dtype != torch.float32 else (
         EXTRA_STAGES, False)
-    extra_n, extra_stages, extra_pair, extra_pad_tail = extra_config or (block_n, *extra_rule, True)
+    extra_n, extra_stages, extra_pair, extra_pad_tail = extra_config or (block_n, *extra_rule, EXTRA_PAD_TAIL)
     if extra_n & (extra_n - 1) or not 16 <= extra_n <= 256:
         raise ValueError(f"extra_config: EXTRA_N must be a power of two in [16, 256], got {extra_n}")
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"

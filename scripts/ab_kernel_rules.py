@@ -1,0 +1,89 @@
+"""A/B of the prefill kernel's tile rules, end to end (estimate + kernel), rounds interleaved (GPU).
+
+    python scripts/ab_kernel_rules.py --model ~/smol/smol.gguf --haystack DIR [--length 32768]
+        [--layers 3,15,24] [--methods vertical_slash] [--rule extra] [--rounds 8]
+
+Arm "before" switches one rule of ``kernels/prefill_triton.py`` off, arm "after" keeps it:
+
+* ``extra``: extra-column plans at D=64 with the block walk at 3 stages, the columns at 2 and no
+  padding-only tile (the rules before session 17).
+
+(Session 17 also tried 128 x 64 tiles for 128-block plans this way and dropped them: BENCHMARKS.md.)
+
+Each round times, per arm (order alternating between rounds, so clock drift hits both arms alike)
+and method, ``block_sparse_attention(q, k, v, method.plan(..., transient=True))`` on every layer
+and our dense kernel on it (``do_bench`` medians), and takes sum(total) / sum(density x dense),
+the issue-3 ratio. Printed: per arm the median (min-max) over rounds, and the median of the
+per-round ratio after / before.
+"""
+
+import argparse
+import statistics
+
+import torch
+import triton.testing
+
+import sparseattn as sa
+from sparseattn.eval.haystack import haystack_ids
+from sparseattn.integrations.capture import capture_qkv
+from sparseattn.kernels import prefill_triton as pt
+from sparseattn.models import load_model
+
+p = argparse.ArgumentParser()
+p.add_argument("--model", default="smollm2")
+p.add_argument("--haystack", default=None)
+p.add_argument("--length", type=int, default=32768)
+p.add_argument("--layers", default="3,15,24")
+p.add_argument("--methods", default="vertical_slash")
+p.add_argument("--rule", default="extra", choices=["extra"])
+p.add_argument("--rounds", type=int, default=8)
+args = p.parse_args()
+
+AFTER = {"extra": (pt._SMALL_BLOCK_RULES[(64, 64)]["extra"], dict(pt._EXTRA_RULES), pt.EXTRA_PAD_TAIL)}
+BEFORE = {"extra": ((True, 3), {}, False)}
+
+
+def set_arm(values) -> None:
+    pt._SMALL_BLOCK_RULES[(64, 64)]["extra"], extra_rules, pt.EXTRA_PAD_TAIL = values
+    pt._EXTRA_RULES.clear()
+    pt._EXTRA_RULES.update(extra_rules)
+
+
+model, tok = load_model(args.model, device="cuda", dtype=torch.bfloat16)
+layers = [int(x) for x in args.layers.split(",")]
+captured = capture_qkv(model, haystack_ids(tok, args.length, source=args.haystack), layers=layers)
+# Row-major, as `bench methods` makes them (the kernel loads K/V through TMA only from contiguous tensors).
+inputs = [tuple(t.contiguous() for t in captured[i][:3]) for i in layers]
+del model, captured
+torch.cuda.empty_cache()
+print(f"{args.model}, {args.length} tokens, layers {args.layers}, rule {args.rule!r}, {torch.cuda.get_device_name()}")
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+methods = {name: sa.get_method(name) for name in args.methods.split(",")}
+densities = {name: [float(m.plan(q, k, v).density()) for q, k, v in inputs] for name, m in methods.items()}
+ratios = {(name, arm): [] for name in methods for arm in ("before", "after")}
+for r in range(args.rounds):
+    arms = [("before", BEFORE[args.rule]), ("after", AFTER[args.rule])]
+    for arm, values in arms if r % 2 == 0 else arms[::-1]:
+        set_arm(values)
+        for name, method in methods.items():
+            total = ideal = 0.0
+            for (q, k, v), d in zip(inputs, densities[name]):
+                dense = bench(lambda: sa.block_sparse_attention(q, k, v, None))
+                total += bench(lambda: sa.block_sparse_attention(q, k, v, method.plan(q, k, v, transient=True)))
+                ideal += d * dense
+            ratios[(name, arm)].append(total / ideal)
+set_arm(AFTER[args.rule])
+
+for name in methods:
+    line = []
+    for arm in ("before", "after"):
+        xs = ratios[(name, arm)]
+        line.append(f"{arm} {statistics.median(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})")
+    per_round = [a / b for a, b in zip(ratios[(name, "after")], ratios[(name, "before")])]
+    print(f"{name:<16} density {sum(densities[name]) / len(inputs):.3f}  " + "  ".join(line)
+          + f"  after/before {statistics.median(per_round):.3f} ({min(per_round):.3f}-{max(per_round):.3f})")
