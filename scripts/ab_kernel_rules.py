@@ -24,10 +24,8 @@ import torch
 import triton.testing
 
 import sparseattn as sa
-from sparseattn.eval.haystack import haystack_ids
-from sparseattn.integrations.capture import capture_qkv
+from sparseattn.bench.methods import captured_inputs
 from sparseattn.kernels import prefill_triton as pt
-from sparseattn.models import load_model
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="smollm2")
@@ -49,13 +47,9 @@ def set_arm(values) -> None:
     pt._EXTRA_RULES.update(extra_rules)
 
 
-model, tok = load_model(args.model, device="cuda", dtype=torch.bfloat16)
 layers = [int(x) for x in args.layers.split(",")]
-captured = capture_qkv(model, haystack_ids(tok, args.length, source=args.haystack), layers=layers)
-# Row-major, as `bench methods` makes them (the kernel loads K/V through TMA only from contiguous tensors).
-inputs = [tuple(t.contiguous() for t in captured[i][:3]) for i in layers]
-del model, captured
-torch.cuda.empty_cache()
+captured = captured_inputs(args.model, args.haystack, args.length, layers)  # contiguous, as bench methods
+inputs = [captured[i] for i in layers]
 print(f"{args.model}, {args.length} tokens, layers {args.layers}, rule {args.rule!r}, {torch.cuda.get_device_name()}")
 
 

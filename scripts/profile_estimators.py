@@ -36,14 +36,12 @@ def inputs():
         Hq, Hkv, D = (int(x) for x in args.shape.split("/"))
         yield "synthetic", structured_qkv(1, Hq, Hkv, args.length, D, seed=0, device="cuda", dtype=torch.bfloat16)
         return
-    from sparseattn.bench.methods import Config, _real_inputs
+    from sparseattn.bench.methods import captured_inputs
 
     layers = [int(x) for x in args.layers.split(",")]
-    cfg = Config(cases=["real"], methods=[], model=args.model, haystack=args.haystack, length=args.length,
-                 layers=layers, recall_windows=0, out="/dev/null")
-    qkv, _ = _real_inputs(cfg, "cuda")
+    qkv = captured_inputs(args.model, args.haystack, args.length, layers)
     for layer in layers:
-        yield f"layer {layer}", tuple(t.contiguous() for t in qkv.pop(layer))
+        yield f"layer {layer}", qkv.pop(layer)
 
 
 print(f"L={args.length}, device {torch.cuda.get_device_name()}")

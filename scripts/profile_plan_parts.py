@@ -25,12 +25,10 @@ import dataclasses
 import torch
 import triton.testing
 
-from sparseattn.eval.haystack import haystack_ids
-from sparseattn.integrations.capture import capture_qkv
+from sparseattn.bench.methods import captured_inputs
 from sparseattn.kernels.prefill_triton import attention_triton
 from sparseattn.methods import get_method
 from sparseattn.methods.base import visible_blocks
-from sparseattn.models import load_model
 from sparseattn.plan import BlockPlan
 
 p = argparse.ArgumentParser()
@@ -44,11 +42,7 @@ p.add_argument("--convert", default="16,24,32,48", help="comma list of C for 'co
 args = p.parse_args()
 layers = [int(x) for x in args.layers.split(",")]
 
-model, tok = load_model(args.model, device="cuda", dtype=torch.bfloat16)
-ids = haystack_ids(tok, args.length, source=args.haystack)
-qkv = capture_qkv(model, ids, layers=layers)
-del model
-torch.cuda.empty_cache()
+qkv = captured_inputs(args.model, args.haystack, args.length, layers)  # contiguous, as bench methods
 method = get_method(args.method)
 print(f"{args.model}, {args.length} tokens, {args.method}, {torch.cuda.get_device_name()}")
 
@@ -95,7 +89,7 @@ def columns_to_blocks(plan: BlockPlan, c: int) -> BlockPlan:
 
 gen = torch.Generator().manual_seed(args.seed)
 for layer in layers:
-    q, k, v = (t.contiguous() for t in qkv[layer][:3])  # row-major as in bench methods: TMA
+    q, k, v = qkv[layer]
     dense_ms = bench(lambda: attention_triton(q, k, v, None, causal=True))
     plan = method.plan(q, k, v)
     parts = {"plan": plan}

@@ -28,11 +28,9 @@ import itertools
 import torch
 import triton.testing
 
-from sparseattn.eval.haystack import haystack_ids
-from sparseattn.integrations.capture import capture_qkv
+from sparseattn.bench.methods import captured_inputs
 from sparseattn.kernels.prefill_triton import attention_triton, default_config, last_compiled_kernel
 from sparseattn.methods import get_method
-from sparseattn.models import load_model
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="smollm2")
@@ -48,11 +46,7 @@ p.add_argument("--main-stages", default="2,3", help="pipeline stages of the bloc
 args = p.parse_args()
 layers = [int(x) for x in args.layers.split(",")]
 
-model, tok = load_model(args.model, device="cuda", dtype=torch.bfloat16)
-ids = haystack_ids(tok, args.length, source=args.haystack)
-qkv = capture_qkv(model, ids, layers=layers)
-del model
-torch.cuda.empty_cache()
+qkv = captured_inputs(args.model, args.haystack, args.length, layers)  # contiguous, as bench methods
 print(f"{args.model}, {args.length} tokens, {torch.cuda.get_device_name()}")
 
 variants = [(None, None)]  # the kernel's defaults
@@ -118,7 +112,7 @@ shares = {}  # method -> sum of the columns' ideal ms
 for name in args.methods.split(","):
     method = get_method(name)
     for layer in layers:
-        q, k, v = (t.contiguous() for t in qkv[layer][:3])  # row-major as in bench methods: TMA
+        q, k, v = qkv[layer]
         plan = method.plan(q, k, v)
         if not plan.has_extra:
             print(f"{name} layer {layer}: no extra columns")

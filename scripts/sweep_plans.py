@@ -42,16 +42,11 @@ args = p.parse_args()
 if args.pair_max_block:
     prefill_triton.PAIR_MAX_BLOCK_N = args.pair_max_block
 if args.model:
-    from sparseattn.eval.haystack import haystack_ids
-    from sparseattn.integrations.capture import capture_qkv
-    from sparseattn.models import load_model
+    from sparseattn.bench.methods import captured_inputs
 
-    model, tok = load_model(args.model, device="cuda", dtype=torch.bfloat16)
     layers = [int(x) for x in args.layers.split(",")]
-    captured = capture_qkv(model, haystack_ids(tok, args.length, source=args.haystack), layers=layers)
-    inputs = [tuple(t.contiguous() for t in captured[i][:3]) for i in layers]  # row-major, as bench methods (TMA)
-    del model, captured
-    torch.cuda.empty_cache()
+    captured = captured_inputs(args.model, args.haystack, args.length, layers)  # contiguous, as bench methods
+    inputs = [captured[i] for i in layers]
     Hq, Hkv, D = inputs[0][0].shape[1], inputs[0][1].shape[1], inputs[0][0].shape[3]
     args.shape = f"{Hq}/{Hkv}/{D} ({args.model} layers {args.layers})"
 else:

