@@ -29,7 +29,11 @@ import torch
 import triton.testing
 
 from sparseattn.bench.methods import captured_inputs
-from sparseattn.kernels.prefill_triton import attention_triton, default_config, last_compiled_kernel
+from sparseattn.kernels.prefill_triton import (
+    attention_triton,
+    default_config,
+    last_compiled_kernel,
+)
 from sparseattn.methods import get_method
 
 p = argparse.ArgumentParser()
