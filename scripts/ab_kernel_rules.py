@@ -24,14 +24,11 @@ import torch
 import triton.testing
 
 import sparseattn as sa
-from sparseattn.bench.methods import captured_inputs
+from sparseattn.bench.methods import add_capture_args, captured_from_args
 from sparseattn.kernels import prefill_triton as pt
 
 p = argparse.ArgumentParser()
-p.add_argument("--model", default="smollm2")
-p.add_argument("--haystack", default=None)
-p.add_argument("--length", type=int, default=32768)
-p.add_argument("--layers", default="3,15,24")
+add_capture_args(p)
 p.add_argument("--methods", default="vertical_slash")
 p.add_argument("--rule", default="extra", choices=["extra"])
 p.add_argument("--rounds", type=int, default=8)
@@ -47,8 +44,7 @@ def set_arm(values) -> None:
     pt._EXTRA_RULES.update(extra_rules)
 
 
-layers = [int(x) for x in args.layers.split(",")]
-captured = captured_inputs(args.model, args.haystack, args.length, layers)  # contiguous, as bench methods
+layers, captured = captured_from_args(args)  # contiguous, as bench methods
 inputs = [captured[i] for i in layers]
 print(f"{args.model}, {args.length} tokens, layers {args.layers}, rule {args.rule!r}, {torch.cuda.get_device_name()}")
 

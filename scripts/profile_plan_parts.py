@@ -25,24 +25,20 @@ import dataclasses
 import torch
 import triton.testing
 
-from sparseattn.bench.methods import captured_inputs
+from sparseattn.bench.methods import add_capture_args, captured_from_args
 from sparseattn.kernels.prefill_triton import attention_triton
 from sparseattn.methods import get_method
 from sparseattn.methods.base import visible_blocks
 from sparseattn.plan import BlockPlan
 
 p = argparse.ArgumentParser()
-p.add_argument("--model", default="smollm2")
-p.add_argument("--haystack", default=None)
-p.add_argument("--length", type=int, default=32768)
-p.add_argument("--layers", default="3,15,24")
+add_capture_args(p)
 p.add_argument("--method", default="vertical_slash")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--convert", default="16,24,32,48", help="comma list of C for 'columns -> blocks >= C' ('' for none)")
 args = p.parse_args()
-layers = [int(x) for x in args.layers.split(",")]
 
-qkv = captured_inputs(args.model, args.haystack, args.length, layers)  # contiguous, as bench methods
+layers, qkv = captured_from_args(args)  # contiguous, as bench methods
 method = get_method(args.method)
 print(f"{args.model}, {args.length} tokens, {args.method}, {torch.cuda.get_device_name()}")
 

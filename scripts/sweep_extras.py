@@ -28,7 +28,7 @@ import itertools
 import torch
 import triton.testing
 
-from sparseattn.bench.methods import captured_inputs
+from sparseattn.bench.methods import add_capture_args, captured_from_args
 from sparseattn.kernels.prefill_triton import (
     attention_triton,
     default_config,
@@ -37,10 +37,7 @@ from sparseattn.kernels.prefill_triton import (
 from sparseattn.methods import get_method
 
 p = argparse.ArgumentParser()
-p.add_argument("--model", default="smollm2")
-p.add_argument("--haystack", default=None)
-p.add_argument("--length", type=int, default=32768)
-p.add_argument("--layers", default="3,15,24")
+add_capture_args(p)
 p.add_argument("--methods", default="vertical_slash")
 p.add_argument("--widths", default="32,64,128")
 p.add_argument("--stages", default="1,2,3")
@@ -48,9 +45,8 @@ p.add_argument("--rounds", type=int, default=2)
 p.add_argument("--probe", action="store_true")
 p.add_argument("--main-stages", default="2,3", help="pipeline stages of the block walk (the kernel's num_stages)")
 args = p.parse_args()
-layers = [int(x) for x in args.layers.split(",")]
 
-qkv = captured_inputs(args.model, args.haystack, args.length, layers)  # contiguous, as bench methods
+layers, qkv = captured_from_args(args)  # contiguous, as bench methods
 print(f"{args.model}, {args.length} tokens, {torch.cuda.get_device_name()}")
 
 variants = [(None, None)]  # the kernel's defaults

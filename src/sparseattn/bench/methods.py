@@ -686,6 +686,22 @@ def _real_inputs(cfg: Config, device):
     return qkv, info
 
 
+def add_capture_args(parser, *, model: Optional[str] = "smollm2", length: bool = True) -> None:
+    """The flags of the GPU scripts that capture a model's q/k/v: ``--model``, ``--haystack``,
+    ``--length`` (``length=False``: the script has its own) and ``--layers`` (comma list)."""
+    parser.add_argument("--model", default=model, help="model to capture q/k/v from ('smollm2', a .gguf, an HF dir)")
+    parser.add_argument("--haystack", default=None, help="folder of text (default: a generated haystack)")
+    if length:
+        parser.add_argument("--length", type=int, default=32768)
+    parser.add_argument("--layers", default="3,15,24", help="comma list of layer indices")
+
+
+def captured_from_args(args, device="cuda") -> Tuple[List[int], dict]:
+    """``(layers, captured_inputs(...))`` for the flags of :func:`add_capture_args`."""
+    layers = [int(x) for x in str(args.layers).split(",")]
+    return layers, captured_inputs(args.model, args.haystack, args.length, layers, device=device)
+
+
 def captured_inputs(model: str, haystack: Optional[str], length: int, layers: List[int], device="cuda") -> dict:
     """``{layer: (q, k, v)}`` of ``model`` on ``length`` tokens of haystack text, each row-major
     ``[B, H, L, D]`` as ``bench methods`` times them (the prefill kernel reads K/V through TMA only
