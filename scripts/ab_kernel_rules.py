@@ -7,6 +7,8 @@ Arm "before" switches one rule of ``kernels/prefill_triton.py`` off, arm "after"
 
 * ``extra``: extra-column plans at D=64 with the block walk at 3 stages, the columns at 2 and no
   padding-only tile (the rules before session 17).
+* ``regcap``: extra-column plans at D=64 with the columns at 1 stage and no register cap (the rule
+  of session 17) against 2 stages with the registers capped (session 18).
 
 (Session 17 also tried 128 x 64 tiles for 128-block plans this way and dropped them: BENCHMARKS.md.)
 
@@ -30,12 +32,13 @@ from sparseattn.kernels import prefill_triton as pt
 p = argparse.ArgumentParser()
 add_capture_args(p)
 p.add_argument("--methods", default="vertical_slash")
-p.add_argument("--rule", default="extra", choices=["extra"])
+p.add_argument("--rule", default="extra", choices=["extra", "regcap"])
 p.add_argument("--rounds", type=int, default=8)
 args = p.parse_args()
 
-AFTER = {"extra": (pt._SMALL_BLOCK_RULES[(64, 64)]["extra"], dict(pt._EXTRA_RULES), pt.EXTRA_PAD_TAIL)}
-BEFORE = {"extra": ((True, 3), {}, False)}
+NOW = (pt._SMALL_BLOCK_RULES[(64, 64)]["extra"], dict(pt._EXTRA_RULES), pt.EXTRA_PAD_TAIL)
+AFTER = {"extra": NOW, "regcap": NOW}
+BEFORE = {"extra": ((True, 3), {}, False), "regcap": (NOW[0], {(64, 64): (1, False, None)}, NOW[2])}
 
 
 def set_arm(values) -> None:

@@ -272,6 +272,30 @@ def test_extra_column_tile_width_is_checked():
         attention_triton(q, k, v, plan, extra_config=(48, 2, False, True))
 
 
+@needs_triton
+def test_register_cap_keeps_the_result():
+    # The register cap (max_registers; on CUDA the launch's maxnreg, which the extra-column rule at
+    # D=64 sets) changes how the compiler allocates, not what is computed: same bits with and
+    # without it, and the compiled kernel stays within the cap.
+    from sparseattn.kernels.prefill_triton import attention_triton, last_compiled_kernel
+
+    from .plans import with_extra_columns
+
+    B, Hq, Hkv, D, Lq, Lk = 1, 2, 1, 64, 160, 260
+    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, LOW_PRECISION, DEVICE, seed=4)
+    plan = with_extra_columns(random_plan(B, Hkv, Lq, Lk, 64, 64, density=0.3, seed=4, device=DEVICE), n_cols=70,
+                              seed=4)
+    free, free_lse = attention_triton(q, k, v, plan, return_lse=True, max_registers=0,
+                                      extra_config=(64, 2, False, True))
+    capped, capped_lse = attention_triton(q, k, v, plan, return_lse=True, max_registers=128,
+                                          extra_config=(64, 2, False, True))
+    if DEVICE == "cuda":
+        assert last_compiled_kernel().n_regs <= 128
+    assert torch.equal(capped, free) and torch.equal(capped_lse, free_lse)
+    ref, ref_lse, pt = references(q, k, v, plan, causal=True)
+    assert_tolerance(capped, capped_lse, ref, ref_lse, pt)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     B, L, Hq, Hkv, D = 1, 140, 4, 2, 32

@@ -471,7 +471,14 @@ EXTRA_STAGES = 2
 # 3 / 15 / 24, sum of kernel ms; q/k/v as captured, i.e. K/V through pointer loads, not TMA): with
 # the block walk at 2 stages (see "extra" below) 1 stage 3.744, 2 stages 3.779; pairs raise the
 # registers from 168 to 188-227 (fewer programs per SM): 4.18-4.21.
-_EXTRA_RULES = {(64, 64): (1, False)}
+# The third field caps the registers per thread (None: the compiler's choice). At D=64 the kernel
+# with extra columns holds 167 registers at 1 column stage: 3 programs of 4 warps per SM (65536 /
+# 384 threads = 170). At 2 stages the compiler takes more (2 programs per SM, slower: session 17);
+# capped at 168 it fits with no spills and the columns cost ~40 % less. Session 18 (H100,
+# 2026-11-24, SmolLM2 32K layers 3 / 15 / 24, TMA, .carry3-style one-shot then
+# scripts/ab_kernel_rules.py --rule regcap; BENCHMARKS.md "Session 18"): kernel 3.53-3.60 ms ->
+# 3.38-3.54 (2 stages, 168), 3.40-3.46 (2 stages, 160).
+_EXTRA_RULES = {(64, 64): (2, False, 168)}
 # The partial tile of columns every row sees runs with padding-only masks (no value checks).
 EXTRA_PAD_TAIL = True
 
@@ -540,7 +547,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
                      causal: bool = True, scale: Optional[float] = None, return_lse: bool = False,
                      config: Optional[tuple] = None, out: Optional[torch.Tensor] = None,
                      pack_gqa: Optional[bool] = None, pair_blocks: Optional[bool] = None,
-                     extra_config: Optional[tuple] = None):
+                     extra_config: Optional[tuple] = None, max_registers: Optional[int] = None):
     """Launch the kernel on validated inputs (see ``block_sparse_attention``).
 
     ``config`` = ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, use_tma])`` overrides the tuned default;
@@ -551,7 +558,8 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
     ``(EXTRA_N, stages, pair, pad_tail)`` overrides how the plan's extra columns are walked: tile
     width, pipeline stages, two tiles per unmasked step, the partial tile of columns every row
     sees with padding-only masks (default: the key tile, then ``_EXTRA_RULES`` or ``EXTRA_STAGES``
-    unpaired, and padding-only masks on).
+    unpaired, and padding-only masks on). ``max_registers`` caps the registers per thread of the
+    launch (CUDA only; default: ``_EXTRA_RULES``' cap for plans with extra columns, else none; 0: none).
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -625,9 +633,14 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
         plan_block_q = positions_per_tile
     num_q_tiles = triton.cdiv(Lq, positions_per_tile)
     grid = (num_q_tiles, B * (Hkv if pack > 1 else Hq))
-    extra_rule = _EXTRA_RULES.get((D, block_n), (EXTRA_STAGES, False)) if q.dtype != torch.float32 else (
-        EXTRA_STAGES, False)
-    extra_n, extra_stages, extra_pair, extra_pad_tail = extra_config or (block_n, *extra_rule, EXTRA_PAD_TAIL)
+    extra_rule = _EXTRA_RULES.get((D, block_n), (EXTRA_STAGES, False, None)) if q.dtype != torch.float32 else (
+        EXTRA_STAGES, False, None)
+    extra_n, extra_stages, extra_pair, extra_pad_tail = extra_config or (block_n, *extra_rule[:2], EXTRA_PAD_TAIL)
+    if max_registers is None:
+        max_registers = extra_rule[2] if has_extra else None
+    launch_options = {}
+    if max_registers and q.device.type == "cuda" and torch.version.cuda and not triton_interpreting():
+        launch_options["maxnreg"] = int(max_registers)
     if extra_n & (extra_n - 1) or not 16 <= extra_n <= 256:
         raise ValueError(f"extra_config: EXTRA_N must be a power of two in [16, 256], got {extra_n}")
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -648,6 +661,6 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
         RETURN_LSE=return_lse, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, USE_TMA=use_tma,
         COUNT_CHUNK=128, GROUP_PACK=pack, EXTRA_STAGES=extra_stages, PAIR_BLOCKS=pair_blocks,
         EXTRA_N=extra_n, EXTRA_PAIR=bool(extra_pair), EXTRA_PAD_TAIL=bool(extra_pad_tail),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch_options,
     )
     return (out, lse) if return_lse else out
