@@ -9,6 +9,8 @@ Arm "before" switches one rule of ``kernels/prefill_triton.py`` off, arm "after"
   padding-only tile (the rules before session 17).
 * ``regcap``: extra-column plans at D=64 with the columns at 1 stage and no register cap (the rule
   of session 17) against 2 stages with the registers capped (session 18).
+* ``plain``: plain sparse plans on D=64's tuned 64 x 128 tile at 3 stages, uncapped (before session
+  18) against ``_PLAIN_TILE_RULES`` (2 stages, registers capped).
 
 (Session 17 also tried 128 x 64 tiles for 128-block plans this way and dropped them: BENCHMARKS.md.)
 
@@ -32,19 +34,23 @@ from sparseattn.kernels import prefill_triton as pt
 p = argparse.ArgumentParser()
 add_capture_args(p)
 p.add_argument("--methods", default="vertical_slash")
-p.add_argument("--rule", default="extra", choices=["extra", "regcap"])
+p.add_argument("--rule", default="extra", choices=["extra", "regcap", "plain"])
 p.add_argument("--rounds", type=int, default=8)
 args = p.parse_args()
 
-NOW = (pt._SMALL_BLOCK_RULES[(64, 64)]["extra"], dict(pt._EXTRA_RULES), pt.EXTRA_PAD_TAIL)
-AFTER = {"extra": NOW, "regcap": NOW}
-BEFORE = {"extra": ((True, 3), {}, False), "regcap": (NOW[0], {(64, 64): (1, False, None)}, NOW[2])}
+NOW = (pt._SMALL_BLOCK_RULES[(64, 64)]["extra"], dict(pt._EXTRA_RULES), pt.EXTRA_PAD_TAIL,
+       dict(pt._PLAIN_TILE_RULES))
+AFTER = {"extra": NOW, "regcap": NOW, "plain": NOW}
+BEFORE = {"extra": ((True, 3), {}, False, NOW[3]), "regcap": (NOW[0], {(64, 64): (1, False, None)}, NOW[2], NOW[3]),
+          "plain": (*NOW[:3], {})}
 
 
 def set_arm(values) -> None:
-    pt._SMALL_BLOCK_RULES[(64, 64)]["extra"], extra_rules, pt.EXTRA_PAD_TAIL = values
+    pt._SMALL_BLOCK_RULES[(64, 64)]["extra"], extra_rules, pt.EXTRA_PAD_TAIL, plain_rules = values
     pt._EXTRA_RULES.clear()
     pt._EXTRA_RULES.update(extra_rules)
+    pt._PLAIN_TILE_RULES.clear()
+    pt._PLAIN_TILE_RULES.update(plain_rules)
 
 
 layers, captured = captured_from_args(args)  # contiguous, as bench methods

@@ -504,6 +504,14 @@ _SMALL_BLOCK_RULES = {
     (64, 32): {"plain": (True, 2)},
 }
 
+# Sparse plans that keep the tuned tile (no extras, no band): (pipeline stages, register cap) per
+# (head_dim, key tile). D=64's tuned tile (64 x 128 at 3 stages) takes 254 registers and 104 KB:
+# two programs per SM. At 2 stages without a cap it takes 170 (still two); capped at 168, three,
+# with no spills. H100, 2026-11-24, SmolLM2 32K layers 3 / 15 / 24 (BENCHMARKS.md "Session 18";
+# sum of kernel ms, two rounds): flexprefill 4.14 / 4.20 -> 4.03 / 3.98, xattention 1.89 / 1.91 ->
+# 1.82 / 1.84 (2 stages uncapped: 4.52 / 4.46, 2.05 / 2.04; 3 stages capped: spills, 4.27 / 1.99).
+_PLAIN_TILE_RULES = {(64, 128): (2, 168)}
+
 # The paired walk's widest key tile (a sweep may raise it to try pairs of 128-key tiles).
 PAIR_MAX_BLOCK_N = 64
 
@@ -559,7 +567,8 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
     width, pipeline stages, two tiles per unmasked step, the partial tile of columns every row
     sees with padding-only masks (default: the key tile, then ``_EXTRA_RULES`` or ``EXTRA_STAGES``
     unpaired, and padding-only masks on). ``max_registers`` caps the registers per thread of the
-    launch (CUDA only; default: ``_EXTRA_RULES``' cap for plans with extra columns, else none; 0: none).
+    launch (CUDA only; default: ``_EXTRA_RULES``' cap for plans with extra columns,
+    ``_PLAIN_TILE_RULES``' for plain plans on the tuned tile, else none; 0: none).
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -620,6 +629,11 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
         if pair_blocks is None:
             pair_blocks = rule_pair
     pair_blocks = bool(pair_blocks) and small_blocks
+    plain_rule = None
+    if plan is not None and kind == "plain" and not small_blocks and q.dtype != torch.float32 and config is None:
+        plain_rule = _PLAIN_TILE_RULES.get((D, block_n))
+        if plain_rule is not None:
+            num_stages = plain_rule[0]
     group = Hq // Hkv
     pack = 1
     if pack_gqa is None:
@@ -637,7 +651,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Op
         EXTRA_STAGES, False, None)
     extra_n, extra_stages, extra_pair, extra_pad_tail = extra_config or (block_n, *extra_rule[:2], EXTRA_PAD_TAIL)
     if max_registers is None:
-        max_registers = extra_rule[2] if has_extra else None
+        max_registers = extra_rule[2] if has_extra else plain_rule[1] if plain_rule is not None else None
     launch_options = {}
     if max_registers and q.device.type == "cuda" and torch.version.cuda and not triton_interpreting():
         launch_options["maxnreg"] = int(max_registers)
