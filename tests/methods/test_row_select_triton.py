@@ -330,8 +330,10 @@ def prefix_ref(mask):
     return torch.nn.functional.pad(torch.cumsum(mask, -1), (1, 0)).to(torch.int32)
 
 
-@pytest.mark.parametrize("N", [1, 300])
-def test_compact_rows_matches_torch(N):
+@pytest.mark.parametrize("N,chunked", [(1, False), (300, False), (300, True), (256, True)])
+def test_compact_rows_matches_torch(N, chunked):
+    # chunked: rows split over programs of 64 entries (5 chunks at N = 300, the last partial; 4 whole
+    # ones at 256), each packing after the counts of the chunks before it.
     g = torch.Generator().manual_seed(N)
     mask = torch.rand(2, 3, 5, N, generator=g) < 0.3
     mask[0, 0, 0] = True
@@ -340,16 +342,16 @@ def test_compact_rows_matches_torch(N):
     k = rs().compact_rows_triton
     md = mask.to(DEVICE)
     for width in (0, 7, N + 3):
-        counts, packed, pre = k(md, None, width, prefix=True, block=128)
+        counts, packed, pre = k(md, None, width, prefix=True, block=64 if chunked else 128, chunked=chunked)
         want_c, want_p = compact_rows(mask, torch.arange(N).expand(mask.shape), width)
         assert torch.equal(counts.cpu(), want_c) and torch.equal(packed.cpu(), want_p)
         assert torch.equal(pre.cpu(), prefix_ref(mask))
         # values shared along the next-to-last dim (read in place), and full values
-        counts, packed = k(md, vals.to(DEVICE), width)
+        counts, packed = k(md, vals.to(DEVICE), width, chunked=chunked, block=64 if chunked else None)
         want_c, want_p = compact_rows(mask, vals.expand(mask.shape), width)
         assert torch.equal(counts.cpu(), want_c) and torch.equal(packed.cpu(), want_p)
         full = vals.expand(mask.shape).contiguous() + 1
-        counts, packed = k(md, full.to(DEVICE), width)
+        counts, packed = k(md, full.to(DEVICE), width, chunked=chunked, block=64 if chunked else None)
         want_c, want_p = compact_rows(mask, full, width)
         assert torch.equal(counts.cpu(), want_c) and torch.equal(packed.cpu(), want_p)
 
@@ -487,6 +489,7 @@ def test_cuda_plans_at_32k(monkeypatch):
         clear = cut_margin(prof, torch.full(prof.shape[:-1], gamma, device="cuda")) > 1e-5
         assert torch.equal(got[clear], want[clear]) and ((got - want).abs() <= 1).all()
     keep = rank_mask(rows, n)
-    counts, packed, pre = rs().compact_rows_triton(keep, None, 1000, prefix=True)
     want_c, want_p = compact_rows(keep, torch.arange(32768, device="cuda").expand(keep.shape), 1000)
-    assert torch.equal(counts, want_c) and torch.equal(packed, want_p) and torch.equal(pre, prefix_ref(keep))
+    for chunked in (None, False, True):  # the default is chunked here (18 rows)
+        counts, packed, pre = rs().compact_rows_triton(keep, None, 1000, prefix=True, chunked=chunked)
+        assert torch.equal(counts, want_c) and torch.equal(packed, want_p) and torch.equal(pre, prefix_ref(keep))

@@ -970,8 +970,63 @@ def _compact_rows(Mask, Values, Counts, Packed, Prefix, N, width, rep, stride_vr
     tl.store(Counts + row, found)
 
 
+@triton.jit(do_not_specialize=["N", "n_chunks"])
+def _chunk_counts(Mask, ChunkCounts, N, n_chunks, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < N
+    keep = valid & (tl.load(Mask + row * N + offs, mask=valid, other=0) != 0)
+    tl.store(ChunkCounts + row * n_chunks + c, tl.sum(keep.to(tl.int32), 0))
+
+
+@triton.jit(do_not_specialize=["N", "width", "rep", "stride_vr", "n_chunks"])
+def _compact_chunks(Mask, Values, Counts, Packed, Prefix, ChunkCounts, N, width, rep, stride_vr, n_chunks,
+                    HAS_VALUES: tl.constexpr, PACK: tl.constexpr, PREFIX: tl.constexpr, BLOCK: tl.constexpr,
+                    CHUNKS: tl.constexpr, BLOCK_W: tl.constexpr):
+    # One program per (row, chunk of BLOCK entries): its kept entries start after those of the
+    # row's earlier chunks (their counts, from _chunk_counts); the row's last chunk writes the
+    # count, the prefix's leading 0 and the zeros after the packed entries.
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs_c = tl.arange(0, CHUNKS)
+    before = tl.load(ChunkCounts + row * n_chunks + offs_c, mask=offs_c < c, other=0)
+    found = tl.sum(before, 0)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < N
+    keep = valid & (tl.load(Mask + row * N + offs, mask=valid, other=0) != 0)
+    incl = found + tl.cumsum(keep.to(tl.int32), 0)
+    if PREFIX:
+        tl.store(Prefix + row * (N + 1) + 1 + offs, incl, mask=valid)
+    if PACK:
+        if HAS_VALUES:
+            val = tl.load(Values + (row // rep) * stride_vr + offs, mask=keep, other=0).to(tl.int32)
+        else:
+            val = offs
+        rank = incl - 1
+        tl.store(Packed + row * width + rank, val, mask=keep & (rank < width))
+    if c == n_chunks - 1:
+        total = found + tl.sum(keep.to(tl.int32), 0)
+        tl.store(Counts + row, total)
+        if PREFIX:
+            tl.store(Prefix + row * (N + 1), total * 0)
+        if PACK:
+            for w in range(0, width, BLOCK_W):
+                slots = w + tl.arange(0, BLOCK_W)
+                tl.store(Packed + row * width + slots, tl.zeros([BLOCK_W], dtype=tl.int32),
+                         mask=(slots >= total) & (slots < width))
+
+
+#: compact_rows_triton splits rows over programs (chunks of COMPACT_CHUNK entries, two launches)
+#: when there are fewer rows than this and each has at least two chunks: vertical-slash's 18 rows of
+#: 32K on the H100 took ~22 us on one program per row (BENCHMARKS.md "Session 18").
+COMPACT_SPLIT_ROWS = 64
+COMPACT_CHUNK = 1024
+
+
 def compact_rows_triton(mask: torch.Tensor, values: Optional[torch.Tensor] = None, width: int = 0, *,
-                        prefix: bool = False, block: Optional[int] = None, num_warps: Optional[int] = None):
+                        prefix: bool = False, block: Optional[int] = None, num_warps: Optional[int] = None,
+                        chunked: Optional[bool] = None):
     """Pack each row's kept entries left, as ``methods.base.compact_rows``, and/or its prefix counts.
 
     Args:
@@ -981,9 +1036,14 @@ def compact_rows_triton(mask: torch.Tensor, values: Optional[torch.Tensor] = Non
             next-to-last dimension (``[..., 1, N]`` for a mask ``[..., M, N]``) is read in place.
         width: slots per row (entries past it are dropped; 0 packs nothing).
         prefix: also return ``int32 [..., N + 1]``: ``[0, cumsum(mask)]`` per row.
+        chunked: split each row over programs of ``block`` entries (default ``COMPACT_CHUNK``):
+            one launch counts each chunk's kept entries, a second packs every chunk after the
+            counts of the chunks before it. Default: when there are fewer than
+            ``COMPACT_SPLIT_ROWS`` rows of at least two chunks (few long rows leave most SMs idle).
     Returns:
         ``(counts int32 [...], packed int32 [..., width])`` (unused slots hold 0), plus the prefix
-        when ``prefix=True``. One program per row, one pass. No host sync.
+        when ``prefix=True``. One program per row and one pass, or chunked as above; the same
+        result either way. No host sync.
     """
     if not isinstance(mask, torch.Tensor) or mask.dim() < 1 or mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor [..., N], got "
@@ -1020,12 +1080,26 @@ def compact_rows_triton(mask: torch.Tensor, values: Optional[torch.Tensor] = Non
         m = mask.reshape(R, N)
         if not m.is_contiguous():
             m = m.contiguous()
+        if chunked is None:
+            chunked = R < COMPACT_SPLIT_ROWS and N >= 2 * (block or COMPACT_CHUNK)
         if block is None:  # few, wide chunks: each costs a scan and a sum (two block-wide barriers)
-            block = min(8192, max(16, triton.next_power_of_2(max(N, 1))))
+            block = COMPACT_CHUNK if chunked else min(8192, max(16, triton.next_power_of_2(max(N, 1))))
         if block < 16 or block & (block - 1):
             raise ValueError(f"block must be a power of two >= 16, got {block}")
         if num_warps is None:
-            num_warps = min(16, max(1, block // 512))
+            num_warps = min(16, max(1, block // 512)) if not chunked else 4
+        if chunked:
+            n_chunks = triton.cdiv(N, block)
+            chunk_counts = torch.empty(R, n_chunks, dtype=torch.int32, device=dev)
+            m8 = m.view(torch.uint8)
+            _chunk_counts[(R, n_chunks)](m8, chunk_counts, N, n_chunks, BLOCK=block, num_warps=num_warps)
+            _compact_chunks[(R, n_chunks)](
+                m8, vals if vals is not None else counts, counts, packed, pre if pre is not None else counts,
+                chunk_counts, N, width, rep, stride_vr, n_chunks,
+                HAS_VALUES=vals is not None, PACK=width > 0, PREFIX=prefix, BLOCK=block,
+                CHUNKS=triton.next_power_of_2(n_chunks), BLOCK_W=min(1024, max(16, triton.next_power_of_2(width))),
+                num_warps=num_warps)
+            return (counts, packed, pre) if prefix else (counts, packed)
         _compact_rows[(R,)](m.view(torch.uint8), vals if vals is not None else counts, counts, packed,
                             pre if pre is not None else counts, N, width, rep, stride_vr,
                             HAS_VALUES=vals is not None, PACK=width > 0, PREFIX=prefix, BLOCK=block,
