@@ -475,9 +475,9 @@ EXTRA_STAGES = 2
 # with extra columns holds 167 registers at 1 column stage: 3 programs of 4 warps per SM (65536 /
 # 384 threads = 170). At 2 stages the compiler takes more (2 programs per SM, slower: session 17);
 # capped at 168 it fits with no spills and the columns cost ~40 % less. Session 18 (H100,
-# 2026-11-24, SmolLM2 32K layers 3 / 15 / 24, TMA, .carry3-style one-shot then
-# scripts/ab_kernel_rules.py --rule regcap; BENCHMARKS.md "Session 18"): kernel 3.53-3.60 ms ->
-# 3.38-3.54 (2 stages, 168), 3.40-3.46 (2 stages, 160).
+# 2026-11-24, SmolLM2 32K layers 3 / 15 / 24, TMA; scripts/sweep_register_caps.py --set extra and
+# scripts/ab_kernel_rules.py --rule regcap; BENCHMARKS.md "Session 18"): kernel 3.53 / 3.56 ms ->
+# 3.39 / 3.38 (2 stages, 168; 160: 3.48 / 3.46); end to end 1.413 -> 1.347.
 _EXTRA_RULES = {(64, 64): (2, False, 168)}
 # The partial tile of columns every row sees runs with padding-only masks (no value checks).
 EXTRA_PAD_TAIL = True
