@@ -939,35 +939,49 @@ def cumsum_mask_triton(x: torch.Tensor, target, *, active: Optional[torch.Tensor
     return mask
 
 
+@triton.jit
+def _pack_chunk(Mask, Values, Packed, Prefix, row, offs, found, N, width, rep, stride_vr,
+                HAS_VALUES: tl.constexpr, PACK: tl.constexpr, PREFIX: tl.constexpr):
+    """One chunk of a row at positions ``offs``, after ``found`` kept entries of the row: its prefix
+    counts and its packed entries; returns how many it keeps."""
+    valid = offs < N
+    keep = valid & (tl.load(Mask + row * N + offs, mask=valid, other=0) != 0)
+    incl = found + tl.cumsum(keep.to(tl.int32), 0)
+    if PREFIX:
+        tl.store(Prefix + row * (N + 1) + 1 + offs, incl, mask=valid)
+    if PACK:
+        if HAS_VALUES:
+            val = tl.load(Values + (row // rep) * stride_vr + offs, mask=keep, other=0).to(tl.int32)
+        else:
+            val = offs
+        rank = incl - 1
+        tl.store(Packed + row * width + rank, val, mask=keep & (rank < width))
+    return tl.sum(keep.to(tl.int32), 0)
+
+
+@triton.jit
+def _finish_row(Counts, Packed, Prefix, row, total, N, width, PACK: tl.constexpr, PREFIX: tl.constexpr,
+                BLOCK_W: tl.constexpr):
+    """A row's count, its prefix's leading 0 and zeros after its packed entries (as compact_rows)."""
+    if PREFIX:
+        tl.store(Prefix + row * (N + 1), total * 0)
+    if PACK:
+        for w in range(0, width, BLOCK_W):
+            slots = w + tl.arange(0, BLOCK_W)
+            tl.store(Packed + row * width + slots, tl.zeros([BLOCK_W], dtype=tl.int32),
+                     mask=(slots >= total) & (slots < width))
+    tl.store(Counts + row, total)
+
+
 @triton.jit(do_not_specialize=["N", "width", "rep", "stride_vr"])
 def _compact_rows(Mask, Values, Counts, Packed, Prefix, N, width, rep, stride_vr,
                   HAS_VALUES: tl.constexpr, PACK: tl.constexpr, PREFIX: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    offs0 = tl.arange(0, BLOCK)
     found = tl.zeros([], dtype=tl.int32)
     for c in range(0, N, BLOCK):
-        offs = c + offs0
-        valid = offs < N
-        keep = valid & (tl.load(Mask + row * N + offs, mask=valid, other=0) != 0)
-        incl = found + tl.cumsum(keep.to(tl.int32), 0)
-        if PREFIX:
-            tl.store(Prefix + row * (N + 1) + 1 + offs, incl, mask=valid)
-        if PACK:
-            if HAS_VALUES:
-                val = tl.load(Values + (row // rep) * stride_vr + offs, mask=keep, other=0).to(tl.int32)
-            else:
-                val = offs
-            rank = incl - 1
-            tl.store(Packed + row * width + rank, val, mask=keep & (rank < width))
-        found += tl.sum(keep.to(tl.int32), 0)
-    if PREFIX:
-        tl.store(Prefix + row * (N + 1), found * 0)
-    if PACK:  # zeros after the count, as compact_rows leaves them
-        for c in range(0, width, BLOCK):
-            offs = c + offs0
-            tl.store(Packed + row * width + offs, tl.zeros([BLOCK], dtype=tl.int32),
-                     mask=(offs >= found) & (offs < width))
-    tl.store(Counts + row, found)
+        found += _pack_chunk(Mask, Values, Packed, Prefix, row, c + tl.arange(0, BLOCK), found, N, width, rep,
+                             stride_vr, HAS_VALUES, PACK, PREFIX)
+    _finish_row(Counts, Packed, Prefix, row, found, N, width, PACK, PREFIX, BLOCK)
 
 
 @triton.jit(do_not_specialize=["N", "n_chunks"])
@@ -990,31 +1004,11 @@ def _compact_chunks(Mask, Values, Counts, Packed, Prefix, ChunkCounts, N, width,
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     offs_c = tl.arange(0, CHUNKS)
-    before = tl.load(ChunkCounts + row * n_chunks + offs_c, mask=offs_c < c, other=0)
-    found = tl.sum(before, 0)
-    offs = c * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < N
-    keep = valid & (tl.load(Mask + row * N + offs, mask=valid, other=0) != 0)
-    incl = found + tl.cumsum(keep.to(tl.int32), 0)
-    if PREFIX:
-        tl.store(Prefix + row * (N + 1) + 1 + offs, incl, mask=valid)
-    if PACK:
-        if HAS_VALUES:
-            val = tl.load(Values + (row // rep) * stride_vr + offs, mask=keep, other=0).to(tl.int32)
-        else:
-            val = offs
-        rank = incl - 1
-        tl.store(Packed + row * width + rank, val, mask=keep & (rank < width))
+    found = tl.sum(tl.load(ChunkCounts + row * n_chunks + offs_c, mask=offs_c < c, other=0), 0)
+    kept = _pack_chunk(Mask, Values, Packed, Prefix, row, c * BLOCK + tl.arange(0, BLOCK), found, N, width, rep,
+                       stride_vr, HAS_VALUES, PACK, PREFIX)
     if c == n_chunks - 1:
-        total = found + tl.sum(keep.to(tl.int32), 0)
-        tl.store(Counts + row, total)
-        if PREFIX:
-            tl.store(Prefix + row * (N + 1), total * 0)
-        if PACK:
-            for w in range(0, width, BLOCK_W):
-                slots = w + tl.arange(0, BLOCK_W)
-                tl.store(Packed + row * width + slots, tl.zeros([BLOCK_W], dtype=tl.int32),
-                         mask=(slots >= total) & (slots < width))
+        _finish_row(Counts, Packed, Prefix, row, found + kept, N, width, PACK, PREFIX, BLOCK_W)
 
 
 #: compact_rows_triton splits rows over programs (chunks of COMPACT_CHUNK entries, two launches)
