@@ -43,8 +43,9 @@ the cut): ~16 full passes. Scratch: ``2 * N`` int32 per row. With few rows most 
 the alternatives (a histogram needs newer Triton; splitting a row over programs, the opt-in
 ``split=`` path below, has cost more so far) cost more at this size; a 512K row costs ~16x a 32K row. ``compact_rows_triton``: one
 program per row, one read of the mask and one write of each output, a scan and a sum per chunk of
-8192 entries (~2-4 us for 18 rows of 32K; vertical-slash's per-query-block extra columns,
-[9 x 512 rows, 1000], are one chunk per program).
+8192 entries; or, for fewer than ``COMPACT_SPLIT_ROWS`` long rows, one program per chunk of 1024
+entries after a launch that counts each chunk (vertical-slash's 18 rows of 32K on the H100: 21.9 us
+on one program per row, 4.6 us chunked; BENCHMARKS.md "Session 18").
 
 Exact rules. Top-n: identical to ``rank_mask`` (NaN ranks above +inf and NaNs tie; -0.0 ties
 with +0.0; keys come from integer ops only, so denormals keep their order). Mass: entries must be
