@@ -120,6 +120,31 @@ def test_pooled_keys(block_n, pool_block, Lk, monkeypatch):
         _kernel().last_queries_profiles_triton(q, k, 16, pool_block=0)
 
 
+@pytest.mark.parametrize("Lk,sink,local", [(150, 30, 100), (150, 0, 1), (40, 64, 64)])
+def test_forced_entries_and_out(Lk, sink, local):
+    """``sink_columns`` / ``local_diagonals`` (vertical-slash's forced entries): +inf on the first
+    ``sink`` column sums and the last ``local`` diagonal sums (none, some or all of a row), the
+    rest as without; ``out`` receives both profiles stacked."""
+    g = torch.Generator().manual_seed(Lk)
+    q = torch.randn(2, 3, 90, 32, generator=g).to(DEVICE)
+    k = torch.randn(2, 1, Lk, 32, generator=g).to(DEVICE)
+    f = _kernel().last_queries_profiles_triton
+    col, diag = f(q, k, 16)
+    out = torch.full((2, 2, 3, Lk), float("nan"), device=DEVICE)
+    got = f(q, k, 16, sink_columns=sink, local_diagonals=local, out=out)
+    assert got[0].data_ptr() == out.data_ptr() and got[1].data_ptr() == out[1].data_ptr()
+    j, inf = torch.arange(Lk, device=DEVICE), torch.tensor(float("inf"), device=DEVICE)
+    want = torch.stack((torch.where(j < sink, inf, col), torch.where(j >= Lk - local, inf, diag)))
+    assert torch.equal(out, want)
+    empty = f(q[:, :, :0], k, 16, sink_columns=sink, local_diagonals=local)  # no query: zeros, forced entries
+    forced_only = torch.stack((torch.where(j < sink, inf, 0.0), torch.where(j >= Lk - local, inf, 0.0)))
+    assert torch.equal(torch.stack(empty), forced_only.view(2, 1, 1, Lk).expand(2, 2, 3, Lk))
+    with pytest.raises(ValueError, match="out"):
+        f(q, k, 16, out=out[:, :, :2])
+    with pytest.raises(ValueError, match="sink_columns"):
+        f(q, k, 16, sink_columns=-1)
+
+
 def test_empty_and_bad_inputs():
     f = _kernel().last_queries_profiles_triton
     q, k = torch.randn(1, 2, 40, 16, device=DEVICE), torch.randn(1, 1, 40, 16, device=DEVICE)

@@ -288,3 +288,20 @@ def replays_and_torch_plan(method, q, k, v, plan):
         return method._plan(q, k, v, causal=True, layer_idx=None)
     finally:
         del os.environ["SPARSEATTN_ESTIMATORS"]
+
+
+def torch_profiles(q, k, n_last, *, pool_block=None, sink_columns=0, local_diagonals=0, out=None):
+    """The PyTorch twin of ``last_queries_profiles_triton`` (pooled keys, forced entries, ``out``
+    included): that kernel has its own tests; in the estimators' tests it is too slow for the
+    interpreter and would blur which part a difference comes from, so both paths start from the
+    same profiles."""
+    from sparseattn.methods.base import diagonal_sums, last_queries_attention, pool_blocks
+
+    a = last_queries_attention(q, k, n_last)
+    col, diag = a.sum(-2), diagonal_sums(a)
+    col[..., :sink_columns] = float("inf")
+    diag[..., max(k.shape[2] - local_diagonals, 0):] = float("inf")
+    if out is not None:
+        out.copy_(torch.stack((col, diag)))
+        col, diag = out.unbind(0)
+    return (col, diag) + ((pool_blocks(k, pool_block).float(),) if pool_block is not None else ())

@@ -16,11 +16,11 @@ from sparseattn.bench.synthetic import structured_qkv
 from sparseattn.methods import get_method
 from sparseattn.methods import flexprefill as flexprefill_module
 from sparseattn.methods import vertical_slash as vertical_slash_module
-from sparseattn.methods.base import compact_rows, diagonal_sums, last_queries_attention, pool_blocks, rank_mask
+from sparseattn.methods.base import compact_rows, rank_mask
 from sparseattn.methods.flexprefill import _cover_count
 
 from ..conftest import requires_cuda, triton_importable
-from .cases import assert_same_plan, assert_triton_plan_equals_torch
+from .cases import assert_same_plan, assert_triton_plan_equals_torch, torch_profiles
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="triton is not importable")
 
@@ -391,14 +391,6 @@ def test_input_checks():
 
 
 # ----------------------------------------------------------------------------- plans
-def torch_profiles(q, k, n_last, pool_block=None):
-    """The PyTorch twin of last_queries_profiles_triton (that kernel has its own tests; here it is
-    too slow for the interpreter and would blur which part a difference comes from)."""
-    a = last_queries_attention(q, k, n_last)
-    pooled = (pool_blocks(k, pool_block).float(),) if pool_block is not None else ()
-    return (a.sum(-2), diagonal_sums(a)) + pooled
-
-
 PLAN_CASES = [
     ("flexprefill", flexprefill_module, dict(block_size=64, tau=1.0, gamma=0.8)),  # every head query-aware
     ("flexprefill", flexprefill_module, dict(block_size=128, tau=0.1)),
@@ -493,3 +485,12 @@ def test_cuda_plans_at_32k(monkeypatch):
     for chunked in (None, False, True):  # the default is chunked here (18 rows)
         counts, packed, pre = rs().compact_rows_triton(keep, None, 1000, prefix=True, chunked=chunked)
         assert torch.equal(counts, want_c) and torch.equal(packed, want_p) and torch.equal(pre, prefix_ref(keep))
+
+
+def test_top_n_split_rule():
+    """The split path for a few long rows only (vertical-slash's 2 x Hq rows at >= 16K keys)."""
+    k = rs()
+    split, block, warps = k.TOP_N_SPLIT
+    assert k.top_n_split(18, 32768) == dict(split=split, block=block, num_warps=warps)
+    assert k.top_n_split(k.TOP_N_SPLIT_ROWS + 1, 32768) == {}
+    assert k.top_n_split(18, k.TOP_N_SPLIT_MIN_LEN - 1) == {}

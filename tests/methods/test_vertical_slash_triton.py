@@ -16,11 +16,12 @@ from sparseattn.bench.synthetic import structured_qkv
 from sparseattn.methods import get_method
 from sparseattn.methods import vertical_slash as vmod
 from sparseattn.methods.vertical_slash import plan_from_keeps
-from sparseattn.methods.base import compact_rows, diagonal_sums, last_queries_attention
+from sparseattn.methods.base import compact_rows
 from sparseattn.plan import BlockPlan
 
 from ..conftest import requires_cuda, triton_importable
-from .cases import assert_same_plan, assert_triton_plan_equals_torch, count_launches, plan_without_sync
+from .cases import (assert_same_plan, assert_triton_plan_equals_torch, count_launches, plan_without_sync,
+                    torch_profiles)
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="triton is not importable")
 
@@ -31,13 +32,6 @@ def vk():
     from sparseattn.kernels import vertical_slash_triton
 
     return vertical_slash_triton
-
-
-def torch_profiles(q, k, n_last):
-    """The PyTorch twin of last_queries_profiles_triton (tested in its own file; slow in the
-    interpreter, and both paths then start from the same profiles)."""
-    a = last_queries_attention(q, k, n_last)
-    return a.sum(-2), diagonal_sums(a)
 
 
 # ----------------------------------------------------------------------------- the PyTorch twin
@@ -159,16 +153,33 @@ def test_plans_equal_the_pytorch_path(case, monkeypatch):
     assert_triton_plan_equals_torch(vmod, get_method("vertical_slash", **opts), q, k, v, monkeypatch)
 
 
+def test_split_selection_gives_the_same_plan(monkeypatch):
+    """Few long rows take the split top-n (``row_select_triton.top_n_split``; on the GPU from 16K
+    keys): forced here on 600 keys (4 slices of 3 chunks of 64), the plan is the PyTorch path's."""
+    from sparseattn.kernels import last_queries_triton, row_select_triton
+
+    monkeypatch.setattr(last_queries_triton, "last_queries_profiles_triton", torch_profiles)
+    monkeypatch.setattr(row_select_triton, "TOP_N_SPLIT_MIN_LEN", 512)
+    monkeypatch.setattr(row_select_triton, "TOP_N_SPLIT", (4, 64, 2))
+    calls = []
+    real = row_select_triton._select_split_rows
+    monkeypatch.setattr(row_select_triton, "_select_split_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = structured_qkv(2, 2, 1, 600, 32, seed=5, device=DEVICE)
+    opts = dict(block_size=64, vertical_size=(35, 120), slash_size=(200, 80))
+    assert_triton_plan_equals_torch(vmod, get_method("vertical_slash", **opts), q, k, v, monkeypatch)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("policy,n_torch_ops", [("per_q_head", 5), ("group_union", 8)])
 def test_launches_cpu_twin(monkeypatch, policy, n_torch_ops):
     """The Triton path's launches, counted (the profiles' kernel as one launch, run by its PyTorch
-    twin): the profiles, the scores with their forced +inf (``_forced_scores``), the two selections
-    (``_select_rows``), the column packing with the prefix counts (``_compact_rows``) and the plan
-    (``_vertical_slash_rows``), plus the budgets' five PyTorch ops on CPU tensors (on CUDA host
-    work, uploaded once per value: no launch) and group_union's three unions. Before the fused
-    kernel: the plan cost ~60 more PyTorch ops (gathers, the block mask, from_block_mask,
-    block_mask(), the candidates) and a second ``_compact_rows``; before ``_forced_scores`` six more
-    small ops (the +inf scores, the budgets on the device)."""
+    twin): the profiles with their forced +inf, the two selections (``_select_rows``), the column
+    packing with the prefix counts (``_compact_rows``) and the plan (``_vertical_slash_rows``), plus
+    the budgets' PyTorch ops on CPU tensors (on CUDA host work, uploaded once per value: no launch),
+    the scores' buffer and group_union's three unions. Before the fused kernel: the plan cost ~60
+    more PyTorch ops (gathers, the block mask, from_block_mask, block_mask(), the candidates) and a
+    second ``_compact_rows``; before the forced scores moved into the profiles (session 19), a
+    ``_forced_scores`` launch; before that, six more small ops."""
     from sparseattn.kernels import last_queries_triton
 
     monkeypatch.setattr(last_queries_triton, "last_queries_profiles_triton", torch_profiles)
@@ -179,26 +190,10 @@ def test_launches_cpu_twin(monkeypatch, policy, n_torch_ops):
     plan, counter = count_launches(lambda: m._plan(q, k, v, causal=True, layer_idx=None), monkeypatch,
                                    single=((last_queries_triton, "last_queries_profiles_triton"),))
     plan.validate(causal=True)
-    assert counter.triton == ["last_queries_profiles_triton", "_forced_scores", "_select_rows", "_compact_rows",
+    assert counter.triton == ["last_queries_profiles_triton", "_select_rows", "_compact_rows",
                               "_vertical_slash_rows"], counter.triton
     assert len(counter.torch_ops) == n_torch_ops, counter.torch_ops
     assert not [op for op in counter.torch_ops if any(w in op for w in ("gather", "scatter", "cumsum"))]
-
-
-@pytest.mark.parametrize("Lk,sink,local", [(300, 4, 64), (50, 0, 1), (40, 64, 64)])
-def test_forced_scores_match_torch_where(Lk, sink, local):
-    """The stacked scores bit for bit as the two torch.where give them; sinks / local diagonals
-    covering none, some or all of the row."""
-    from sparseattn.kernels.vertical_slash_triton import forced_scores_triton
-
-    g = torch.Generator().manual_seed(Lk)
-    cols, slash = torch.rand(2, 3, Lk, generator=g), torch.rand(2, 3, Lk, generator=g)
-    got = forced_scores_triton(cols.to(DEVICE), slash.to(DEVICE), sink_tokens=sink, local_diagonals=local).cpu()
-    j, inf = torch.arange(Lk), torch.tensor(float("inf"))
-    want = torch.stack((torch.where(j < sink, inf, cols), torch.where(j >= Lk - local, inf, slash)))
-    assert torch.equal(got, want)
-    with pytest.raises(ValueError, match="contiguous"):
-        forced_scores_triton(cols.to(DEVICE), slash[..., :-1].to(DEVICE), sink_tokens=sink, local_diagonals=local)
 
 
 # ----------------------------------------------------------------------------- GPU twin

@@ -128,7 +128,8 @@ def _row_lse(PartM, PartL, Lse, P, n_key_tiles, BLOCK_R: tl.constexpr, BLOCK_TIL
 
 @triton.jit
 def _profiles(Scratch, Lse, Col, Diag, stride_ob, stride_oh, stride_ol,
-              Hq, Lk, P, row_stride, pair0, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr):
+              Hq, Lk, P, row_stride, pair0, sink_columns, local_start, BLOCK_P: tl.constexpr,
+              BLOCK_T: tl.constexpr):
     tt = tl.program_id(0)
     pair_local = tl.program_id(1)
     pair = pair0 + pair_local
@@ -151,8 +152,9 @@ def _profiles(Scratch, Lse, Col, Diag, stride_ob, stride_oh, stride_ol,
         s = tl.load(row_ptr + j, mask=ok & (j >= 0), other=float("-inf"))
         diag += tl.sum(tl.math.exp2(s - lse[:, None]), 0)
     out = b * stride_ob + h * stride_oh + t.to(tl.int64) * stride_ol
-    tl.store(Col + out, col, mask=t_ok)
-    tl.store(Diag + out, diag, mask=t_ok)
+    # vertical-slash's forced entries: the sink columns and the local diagonals rank first
+    tl.store(Col + out, tl.where(t < sink_columns, float("inf"), col), mask=t_ok)
+    tl.store(Diag + out, tl.where(t >= local_start, float("inf"), diag), mask=t_ok)
 
 
 class LastQConfig(NamedTuple):
@@ -204,7 +206,9 @@ def _check_inputs(q, k, n_last, config):
 
 
 def last_queries_profiles_triton(q: torch.Tensor, k: torch.Tensor, n_last: int, *,
-                                 config: Optional[tuple] = None, pool_block: Optional[int] = None) -> tuple:
+                                 config: Optional[tuple] = None, pool_block: Optional[int] = None,
+                                 sink_columns: int = 0, local_diagonals: int = 0,
+                                 out: Optional[torch.Tensor] = None) -> tuple:
     """``(column_sums, diagonal_sums)``, both float32 ``[B, Hq, Lk]``, of the last queries' attention.
 
     ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` (fp16 / bf16 / fp32, one dtype, any strides; Hq a
@@ -217,7 +221,12 @@ def last_queries_profiles_triton(q: torch.Tensor, k: torch.Tensor, n_last: int, 
     ``pool_block``: also return ``k`` mean-pooled over blocks of that many keys, float32 ``[B, Hkv,
     ceil(Lk / pool_block), D]`` (``methods.base.pool_blocks``; FlexPrefill's pattern test), as a
     third output: written by the logits launch when its key tile is that size (the default tiles
-    at 128), else by one pooling launch. No host sync.
+    at 128), else by one pooling launch. ``sink_columns`` / ``local_diagonals``: the column sums
+    of the first ``sink_columns`` keys and the diagonal sums of the last ``local_diagonals``
+    indices (distances ``0 .. local_diagonals - 1``) come out as ``+inf`` (vertical-slash's forced
+    entries, written by the profile launch). ``out``: a float32 ``[2, B, Hq, Lk]`` tensor to write
+    the two profiles into (then returned as its two halves: both stacked, without a copy). No host
+    sync.
     """
     _check_inputs(q, k, n_last, config)
     B, Hq, Lq, D = q.shape
@@ -235,11 +244,21 @@ def last_queries_profiles_triton(q: torch.Tensor, k: torch.Tensor, n_last: int, 
             pool_block = None  # done
         else:
             k_pool = torch.empty(B, Hkv, triton.cdiv(Lk, pool_block), D, dtype=torch.float32, device=q.device)
+    for name, value in (("sink_columns", sink_columns), ("local_diagonals", local_diagonals)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if out is None:
+        out = torch.empty((2, B, Hq, Lk), dtype=torch.float32, device=q.device)  # every entry is written
+    elif out.shape != (2, B, Hq, Lk) or out.dtype != torch.float32 or out.device != q.device:
+        raise ValueError(f"out must be a float32 [2, B, Hq, Lk] = {[2, B, Hq, Lk]} tensor on {q.device}, got "
+                         f"{out.dtype} {list(out.shape)} on {out.device}")
+    col, diag = out.unbind(0)
+    local_start = max(Lk - int(local_diagonals), 0)
     if B * Hq * Lk == 0 or P == 0:
-        zeros = torch.zeros((B, Hq, Lk), dtype=torch.float32, device=q.device)
-        return (zeros, zeros.clone()) + ((k_pool,) if k_pool is not None else ())
-    col = torch.empty((B, Hq, Lk), dtype=torch.float32, device=q.device)  # every entry is written
-    diag = torch.empty_like(col)
+        out.zero_()
+        col[..., :sink_columns] = float("inf")
+        diag[..., local_start:] = float("inf")
+        return (col, diag) + ((k_pool,) if k_pool is not None else ())
 
     block_m = min(cfg.block_m, max(16, triton.next_power_of_2(P)))
     block_p = min(cfg.block_p, max(2, triton.next_power_of_2(P)))
@@ -271,6 +290,6 @@ def last_queries_profiles_triton(q: torch.Tensor, k: torch.Tensor, n_last: int, 
             part_m, part_l, lse, P, n_key_tiles, BLOCK_R=16,
             BLOCK_TILES=min(256, max(2, triton.next_power_of_2(n_key_tiles))), num_warps=4)
         _profiles[(triton.cdiv(Lk, block_t), np_)](
-            scratch, lse, col, diag, *col.stride(), Hq, Lk, P, row_stride, p0,
-            BLOCK_P=block_p, BLOCK_T=block_t, num_warps=cfg.profile_warps)
+            scratch, lse, col, diag, *col.stride(), Hq, Lk, P, row_stride, p0, min(int(sink_columns), Lk),
+            local_start, BLOCK_P=block_p, BLOCK_T=block_t, num_warps=cfg.profile_warps)
     return (col, diag) + ((k_pool,) if k_pool is not None else ())

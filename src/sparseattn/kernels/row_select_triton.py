@@ -828,6 +828,26 @@ def _select(x: torch.Tensor, param: torch.Tensor, *, mass: bool, write_mask: boo
     return mask, count
 
 
+#: Top-n selections of few long rows split over programs (``top_n_split``): at most this many rows
+#: of at least this many entries get ``TOP_N_SPLIT = (programs per row, block, warps)``.
+TOP_N_SPLIT = (32, 1024, 2)
+TOP_N_SPLIT_ROWS = 32
+TOP_N_SPLIT_MIN_LEN = 16384
+
+
+def top_n_split(rows: int, n: int) -> dict:
+    """``rank_mask_triton`` keyword arguments for ``rows`` rows of ``n`` entries: the split path for
+    a few long rows (vertical-slash's 2 x Hq rows of Lk keys), else ``{}`` (one program per row).
+
+    H100, 18 rows of 32K (vertical-slash's scores on SmolLM2 q/k, graph replay): one program per
+    row 51-53 us, 32 slices of 1024 entries on 2 warps 37 us (BENCHMARKS.md, session 19; on
+    synthetic profiles 46 -> 36 us, session 13)."""
+    if rows > TOP_N_SPLIT_ROWS or n < TOP_N_SPLIT_MIN_LEN:
+        return {}
+    split, block, warps = TOP_N_SPLIT
+    return dict(split=split, block=block, num_warps=warps)
+
+
 def rank_mask_triton(scores: torch.Tensor, n, *, block: Optional[int] = None, num_warps: Optional[int] = None,
                      fused: Optional[bool] = None, split: Optional[int] = None) -> torch.Tensor:
     """bool ``[..., N]``: the ``n`` best entries of each row, ties to the lower index.

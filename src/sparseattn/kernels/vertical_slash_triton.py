@@ -31,11 +31,12 @@ Exactness. Integer-only: positions, clamps, prefix differences and ranks are int
 addresses), so the plan is identical, bit for bit, to the PyTorch path's (``kv_counts``,
 ``kv_indices``, ``extra_counts``, ``extra_indices``), whatever the device.
 
-Launches: one. The whole vertical-slash estimate on CUDA is then the profiles (three kernels), the
-two row selections (``rank_mask_triton``), the column packing with the prefix counts
-(``compact_rows_triton``) and this kernel, plus the 11 PyTorch ops that prepare the selections'
-scores and budgets (14 with ``gqa_policy="group_union"``): ~17 kernels instead of ~64 (7 Triton
-kernels and ~57 PyTorch ops; counted on the CPU twin, tests/methods/test_vertical_slash_triton.py).
+Launches: one. The whole vertical-slash estimate on CUDA is then the profiles (three kernels, the
+forced sink columns and local diagonals written by the last), the two row selections
+(``rank_mask_triton``, split over programs at >= 16K keys: a memset and one launch), the column
+packing with the prefix counts (``compact_rows_triton``) and this kernel, plus group_union's unions:
+~7-10 kernels instead of ~64 (7 Triton kernels and ~57 PyTorch ops; counted on the CPU twin,
+tests/methods/test_vertical_slash_triton.py).
 
 Cost (an estimate, not a measurement; H100, 32K, 9 heads, block 64): 4608 programs, each reads
 ~2 x 512 prefix entries (L2-resident: the prefix rows are 1.2 MB in all) and ~1000 column slots
@@ -122,44 +123,6 @@ def _vertical_slash_rows(Prefix, Cols, NCols, Counts, Indices, ExtraCounts, Extr
             s = c + slots
             tl.store(extra_row + s, tl.zeros([BLOCK_E], dtype=tl.int32), mask=(s >= found_e) & (s < width))
         tl.store(ExtraCounts + row, found_e)
-
-
-@triton.jit
-def _forced_scores(Col, Slash, Out, rows, Lk, sink, local_start, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    r = tl.program_id(1).to(tl.int64)  # the rows of Col, then those of Slash
-    j = c * BLOCK + tl.arange(0, BLOCK)
-    ok = j < Lk
-    if r < rows:
-        x = tl.load(Col + r * Lk + j, mask=ok, other=0.0)
-        x = tl.where(j < sink, float("inf"), x)
-    else:
-        x = tl.load(Slash + (r - rows) * Lk + j, mask=ok, other=0.0)
-        x = tl.where(j >= local_start, float("inf"), x)
-    tl.store(Out + r * Lk + j, x, mask=ok)
-
-
-def forced_scores_triton(columns: torch.Tensor, slash: torch.Tensor, *, sink_tokens: int,
-                         local_diagonals: int) -> torch.Tensor:
-    """Vertical-slash's selection scores in one launch: ``[2, B, H, Lk]`` = (``columns`` with the
-    first ``sink_tokens`` keys set to ``+inf``, ``slash`` with the last ``local_diagonals`` set to
-    ``+inf``), what two ``torch.where`` into a stacked buffer give, bit for bit.
-
-    Args:
-        columns, slash: contiguous ``[B, H, Lk]`` of one float dtype (the last-queries profiles).
-    No host sync.
-    """
-    if (columns.shape != slash.shape or columns.dim() != 3 or columns.dtype != slash.dtype
-            or not columns.is_contiguous() or not slash.is_contiguous()):
-        raise ValueError("columns and slash must be contiguous [B, H, Lk] tensors of one shape and dtype")
-    B, H, Lk = columns.shape
-    out = torch.empty((2, B, H, Lk), dtype=columns.dtype, device=columns.device)
-    if B * H * Lk == 0:
-        return out
-    block = min(4096, _pow2(Lk))
-    _forced_scores[(triton.cdiv(Lk, block), 2 * B * H)](columns, slash, out, B * H, Lk, int(sink_tokens),
-                                                        Lk - int(local_diagonals), BLOCK=block, num_warps=4)
-    return out
 
 
 def vertical_slash_plan_triton(prefix: torch.Tensor, cols: torch.Tensor, n_cols: torch.Tensor, *, block_size: int,

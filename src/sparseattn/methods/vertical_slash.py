@@ -91,26 +91,22 @@ class VerticalSlash(PrefillMethod):
 
         if rows_triton:
             from ..kernels.last_queries_triton import last_queries_profiles_triton
+            from ..kernels.row_select_triton import rank_mask_triton, top_n_split
 
-            # Both profiles in three launches, without the [B, Hq, P, Lk] softmax.
-            columns, slash = last_queries_profiles_triton(q, k, self.last_q)
-        else:
-            a = last_queries_attention(q, k, self.last_q)  # [B, Hq, P, Lk]
-            columns, slash = a.sum(-2), diagonal_sums(a)  # slash index t: diagonal at distance Lk - 1 - t
-        if rows_triton:
-            from ..kernels.row_select_triton import compact_rows_triton, rank_mask_triton
-            from ..kernels.vertical_slash_triton import forced_scores_triton
-
+            # The selection scores: both profiles (three launches, without the [B, Hq, P, Lk]
+            # softmax) stacked, with the forced sink columns / local diagonals at +inf.
+            scores = torch.empty(2, B, Hq, Lk, dtype=torch.float32, device=dev)
+            last_queries_profiles_triton(q, k, self.last_q, sink_columns=self.sink_tokens,
+                                         local_diagonals=self.local_diagonals, out=scores)
             budgets = torch.stack((n_v, n_s))  # [2, 1, Hq]
             if dev.type == "cuda":
                 budgets = _device_constant(tuple(budgets.flatten().tolist()), torch.int64, str(dev)).view(2, 1, Hq)
-            # The scores with the forced sink columns / local diagonals (one launch), then both
-            # selections in one launch (one program per row, no sort over Lk).
-            scores = forced_scores_triton(columns, slash, sink_tokens=self.sink_tokens,
-                                          local_diagonals=self.local_diagonals)
-            keep_both = rank_mask_triton(scores, budgets)  # [2, B, Hq, Lk]
+            # Both selections in one launch (no sort over Lk); few long rows are split over programs.
+            keep_both = rank_mask_triton(scores, budgets, **top_n_split(2 * B * Hq, Lk))  # [2, B, Hq, Lk]
             keep_cols, keep_diag = keep_both.unbind(0)
         else:
+            a = last_queries_attention(q, k, self.last_q)  # [B, Hq, P, Lk]
+            columns, slash = a.sum(-2), diagonal_sums(a)  # slash index t: diagonal at distance Lk - 1 - t
             inf = torch.full((), float("inf"), dtype=columns.dtype, device=dev)
             j = torch.arange(Lk, device=dev)
             vertical = torch.where(j < self.sink_tokens, inf, columns)  # [B, Hq, Lk]
@@ -124,6 +120,7 @@ class VerticalSlash(PrefillMethod):
             width = min(Lk, width * G)
 
         if rows_triton:
+            from ..kernels.row_select_triton import compact_rows_triton
             from ..kernels.vertical_slash_triton import vertical_slash_plan_triton
 
             # One pass per row: the kept columns packed (ascending) and the diagonals' prefix counts.
