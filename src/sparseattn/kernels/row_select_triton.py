@@ -416,7 +416,8 @@ def _select_rows(X, Param, Active, Scratch, Mask, Count, Extremes,
 # interpreter runs programs one after another, so there (``REPLAY``) each launch runs one round
 # and keeps the state in ``State``. Measured on the H100 (session 13, ``scripts/trace_row_select.py``):
 # ~6 rounds on profile rows, but each costs 5-15 us (more than its work: the next thing to find),
-# so it is not the default yet.
+# so it is not the default; vertical-slash's top-n asks for it at >= 16K keys (``top_n_split``:
+# 18 rows of 32K, 51-53 -> 37 us; of 128K, 172 -> 118 us; of 8K no gain; session 19).
 _STATE_SCALARS = tl.constexpr(16)
 
 
@@ -806,7 +807,7 @@ def _select(x: torch.Tensor, param: torch.Tensor, *, mass: bool, write_mask: boo
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     act = active.reshape(-1).contiguous().view(torch.uint8) if active is not None else param
-    # Split rows only when asked: on the H100 it is not yet faster on the estimators' rows (BENCHMARKS.md).
+    # Split rows only when asked (``top_n_split``): it loses on FlexPrefill's cover counts (BENCHMARKS.md).
     if split is not None and split > 1 and _select_split_rows(rows, param, act, mask, count, R=R, N=N, mass=mass, write_mask=write_mask,
                                         write_count=write_count, count_bias=count_bias,
                                         has_active=active is not None, block=block, num_warps=num_warps,
@@ -839,9 +840,10 @@ def top_n_split(rows: int, n: int) -> dict:
     """``rank_mask_triton`` keyword arguments for ``rows`` rows of ``n`` entries: the split path for
     a few long rows (vertical-slash's 2 x Hq rows of Lk keys), else ``{}`` (one program per row).
 
-    H100, 18 rows of 32K (vertical-slash's scores on SmolLM2 q/k, graph replay): one program per
-    row 51-53 us, 32 slices of 1024 entries on 2 warps 37 us (BENCHMARKS.md, session 19; on
-    synthetic profiles 46 -> 36 us, session 13)."""
+    H100, graph replay (BENCHMARKS.md, session 19): 18 rows of 32K (vertical-slash's scores on
+    SmolLM2 q/k): one program per row 51-53 us, 32 slices of 1024 entries on 2 warps 37 us (on
+    synthetic profiles 46 -> 36 us, session 13); of 128K 172 -> 118 us; of 8K 24.4 -> 25.0 us (so
+    not below 16K)."""
     if rows > TOP_N_SPLIT_ROWS or n < TOP_N_SPLIT_MIN_LEN:
         return {}
     split, block, warps = TOP_N_SPLIT
