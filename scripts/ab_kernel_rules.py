@@ -11,6 +11,8 @@ Arm "before" switches one rule of ``kernels/prefill_triton.py`` off, arm "after"
   of session 17) against 2 stages with the registers capped (session 18).
 * ``plain``: plain sparse plans on D=64's tuned 64 x 128 tile at 3 stages, uncapped (before session
   18) against ``_PLAIN_TILE_RULES`` (2 stages, registers capped).
+* ``topn``: vertical-slash's top-n selections on one program per row against the split path for a
+  few long rows (``row_select_triton.top_n_split``, session 19). Not a kernel rule: an estimate rule.
 
 (Session 17 also tried 128 x 64 tiles for 128-block plans this way and dropped them: BENCHMARKS.md.)
 
@@ -30,23 +32,28 @@ import triton.testing
 import sparseattn as sa
 from sparseattn.bench.methods import add_capture_args, captured_from_args
 from sparseattn.kernels import prefill_triton as pt
+from sparseattn.kernels import row_select_triton as rs
+from sparseattn.methods.graphs import clear_estimator_graphs
 
 p = argparse.ArgumentParser()
 add_capture_args(p)
 p.add_argument("--methods", default="vertical_slash")
-p.add_argument("--rule", default="extra", choices=["extra", "regcap", "plain"])
+p.add_argument("--rule", default="extra", choices=["extra", "regcap", "plain", "topn"])
 p.add_argument("--rounds", type=int, default=8)
 args = p.parse_args()
 
 NOW = (pt._SMALL_BLOCK_RULES[(64, 64)]["extra"], dict(pt._EXTRA_RULES), pt.EXTRA_PAD_TAIL,
-       dict(pt._PLAIN_TILE_RULES))
-AFTER = {"extra": NOW, "regcap": NOW, "plain": NOW}
-BEFORE = {"extra": ((True, 3), {}, False, NOW[3]), "regcap": (NOW[0], {(64, 64): (1, False, None)}, NOW[2], NOW[3]),
-          "plain": (*NOW[:3], {})}
+       dict(pt._PLAIN_TILE_RULES), rs.TOP_N_SPLIT_ROWS)
+AFTER = {"extra": NOW, "regcap": NOW, "plain": NOW, "topn": NOW}
+BEFORE = {"extra": ((True, 3), {}, False, *NOW[3:]), "regcap": (NOW[0], {(64, 64): (1, False, None)}, *NOW[2:]),
+          "plain": (*NOW[:3], {}, NOW[4]), "topn": (*NOW[:4], 0)}
 
 
 def set_arm(values) -> None:
-    pt._SMALL_BLOCK_RULES[(64, 64)]["extra"], extra_rules, pt.EXTRA_PAD_TAIL, plain_rules = values
+    if values[4] != rs.TOP_N_SPLIT_ROWS:
+        clear_estimator_graphs()  # the captured estimates hold the other selection's launches
+    pt._SMALL_BLOCK_RULES[(64, 64)]["extra"], extra_rules, pt.EXTRA_PAD_TAIL, plain_rules, split_rows = values
+    rs.TOP_N_SPLIT_ROWS = split_rows
     pt._EXTRA_RULES.clear()
     pt._EXTRA_RULES.update(extra_rules)
     pt._PLAIN_TILE_RULES.clear()
